@@ -1,0 +1,87 @@
+"""Prefect flows: ``optimize`` runs one recipe on one checkpoint as a DAG of Prefect tasks.
+
+The work lives in ``pipeline.session.RunSession``; this module only maps stages onto tasks, so
+independent branches run concurrently, each stage shows as a task run in the Prefect UI, and the
+run's variant metrics are published as a Prefect table artifact.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Completed, Failed  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from pipeline.recipe import load_recipe  # noqa: E402
+from pipeline.report import variant_rows  # noqa: E402
+from pipeline.session import RunSession  # noqa: E402
+from pipeline.store import ArtifactStore  # noqa: E402
+
+DEFAULT_STORE = "artifacts"
+MAX_CONCURRENT_STAGES = 4
+
+
+@task(task_run_name="{name}", cache_policy=NO_CACHE, retries=0)
+def run_stage(session: RunSession, name: str) -> Any:
+    """One recipe stage as a Prefect task; a stage reused from the store ends in a state named ``Cached``."""
+    result = session.execute(name)
+    logger = get_run_logger()
+    if result.state == "cached":
+        logger.info("%s: reused cached artifact %s", name, result.key[:12])
+        return Completed(name="Cached", message=f"reused artifact {result.key[:12]}", data=result.as_record())
+    logger.info("%s: done in %.2fs -> artifact %s", name, result.seconds, result.key[:12])
+    return result.as_record()
+
+
+def _first_unfinished_upstream(session: RunSession, name: str) -> str:
+    for upstream in session.plan.waits_for(name):
+        upstream_result = session.results.get(upstream)
+        if upstream_result is None or upstream_result.state in ("failed", "skipped"):
+            return upstream
+    return "an upstream stage"
+
+
+def _publish_table(record: dict[str, Any]) -> None:
+    rows = variant_rows(record)
+    if rows:
+        create_table_artifact(
+            key=f"optipipe-{record['recipe']['name'].lower().replace('_', '-')}",
+            table=rows,
+            description=f"optipipe run {record['run_id']}: variants vs the FP32 baseline",
+        )
+
+
+@flow(name="optimize", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_STAGES), log_prints=True)
+def optimize(
+    recipe_path: str,
+    checkpoint_path: str,
+    store_root: str = DEFAULT_STORE,
+    overrides: list[str] | None = None,
+    run_id: str | None = None,
+) -> Any:
+    """Run a recipe on a checkpoint; the flow run ends Failed when any stage failed or a variant was rejected."""
+    plan = load_recipe(recipe_path, overrides)
+    session = RunSession(plan, ArtifactStore(store_root), Path(checkpoint_path), run_id)
+    session.start()
+    futures = {}
+    for name in plan.order:
+        upstream = [futures[needed] for needed in plan.waits_for(name)]
+        futures[name] = run_stage.submit(session, name, wait_for=upstream)
+    for name in plan.order:
+        futures[name].wait()
+        if name not in session.results:
+            session.skip(name, f"not run: upstream stage '{_first_unfinished_upstream(session, name)}' did not finish")
+    record = session.finish()
+    _publish_table(record)
+    if record["state"] != "succeeded":
+        return Failed(message=record["message"] or "some stages did not finish", data=record)
+    return record

@@ -1,0 +1,191 @@
+"""The ``optipipe`` command: run recipes, check them, and review runs.
+
+Errors that are the user's input (``OptipipeError``) print as one line and exit 2; ``--debug`` shows
+the traceback. A run whose variants were rejected by validation exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from pipeline.errors import OptipipeError
+from pipeline.progress import QUIET_ENV
+
+EXIT_REJECTED = 1
+EXIT_USER_ERROR = 2
+STORE_ENV = "OPTIPIPE_STORE"
+
+console = Console()
+
+
+def _store_root(args: argparse.Namespace) -> str:
+    return args.store or os.environ.get(STORE_ENV) or "artifacts"
+
+
+def _store(args: argparse.Namespace):
+    from pipeline.store import ArtifactStore
+
+    return ArtifactStore(_store_root(args))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides: list[str]) -> dict[str, Any]:
+    """Check inputs fast (no Prefect start-up for a typo), run the ``optimize`` flow, return the run record."""
+    from pipeline.recipe import load_recipe
+    from pipeline.session import new_run_id
+    from pipeline.store import ArtifactStore
+
+    load_recipe(recipe_path, overrides)
+    if not Path(checkpoint_path).is_file():
+        from pipeline.errors import CheckpointError
+
+        raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
+    ArtifactStore(store_root).ensure_writable()
+    from flows import optimize
+
+    run_id = new_run_id()
+    state = optimize(recipe_path, checkpoint_path, store_root, overrides, run_id, return_state=True)
+    store = ArtifactStore(store_root)
+    if not store.run_path(run_id).is_file():  # the flow failed before the run started
+        outcome = state.result(raise_on_failure=False)
+        raise outcome if isinstance(outcome, BaseException) else OptipipeError(state.message or "run failed")
+    return store.read_run(run_id)
+
+
+def _finish_run(record: dict[str, Any]) -> int:
+    from pipeline.report import stages_table, variants_table
+
+    console.print(stages_table(record))
+    console.print(variants_table(record))
+    console.print(f"run {record['run_id']}: {record['state']} in {record['seconds']:.1f}s")
+    if record["state"] == "succeeded":
+        return 0
+    print(f"error: run {record['run_id']} failed: {record['message']}", file=sys.stderr)
+    states = {stage["state"] for stage in record["stages"]}
+    return EXIT_REJECTED if "rejected" in states and "failed" not in states else EXIT_USER_ERROR
+
+
+def command_run(args: argparse.Namespace) -> int:
+    """optipipe run RECIPE --checkpoint CKPT"""
+    record = run_flow(args.recipe, args.checkpoint, _store_root(args), args.set or [])
+    return _finish_run(record)
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    """optipipe validate RECIPE"""
+    from pipeline.recipe import load_recipe
+
+    plan = load_recipe(args.recipe, args.set or [])
+    console.print(f"{args.recipe}: ok — recipe '{plan.recipe.name}', {len(plan.order)} stages: {' → '.join(plan.order)}")
+    return 0
+
+
+def command_schema(args: argparse.Namespace) -> int:
+    """optipipe schema"""
+    from pipeline.recipe import recipe_json_schema
+
+    _print_json(recipe_json_schema())
+    return 0
+
+
+def command_runs(args: argparse.Namespace) -> int:
+    """optipipe runs"""
+    from pipeline.report import runs_table
+
+    records = _store(args).list_runs()
+    if args.json:
+        _print_json([{key: value for key, value in record.items() if key != "stages"} for record in records])
+    else:
+        console.print(runs_table(records))
+    return 0
+
+
+def command_show(args: argparse.Namespace) -> int:
+    """optipipe show RUN"""
+    from pipeline.report import stages_table, variants_table
+
+    record = _store(args).resolve_run(args.run)
+    if args.json:
+        _print_json(record)
+        return 0
+    console.print(stages_table(record))
+    if any(stage["uses"] == "validate" for stage in record["stages"]):
+        console.print(variants_table(record))
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    """optipipe demo: train the digits baseline, then run recipes/demo.yaml on it."""
+    from pipeline.demo import DEMO_RECIPE, train_demo_checkpoint
+
+    checkpoint_path = Path(args.out) / "digits_cnn.pt"
+    console.print(f"training digits_cnn on scikit-learn digits ({args.epochs} epochs) ...")
+    trained = train_demo_checkpoint(checkpoint_path, epochs=args.epochs)
+    console.print(f"saved {checkpoint_path} (eval top-1 {trained['eval_top1']:.2%}, loss {trained['loss']:.4f})")
+    record = run_flow(str(DEMO_RECIPE), str(checkpoint_path), _store_root(args), [])
+    return _finish_run(record)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="optipipe", description="Optimize PyTorch checkpoints with recipes of stages.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or Prefect logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, store: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        if store:
+            sub.add_argument("--store", help=f"artifact store folder (default ${STORE_ENV} or ./artifacts)")
+        return sub
+
+    run = add("run", command_run, "run a recipe on a checkpoint")
+    run.add_argument("recipe")
+    run.add_argument("--checkpoint", required=True, help="the training checkpoint to optimize")
+    run.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
+    validate = add("validate", command_validate, "check a recipe without running it", store=False)
+    validate.add_argument("recipe")
+    validate.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE")
+    add("schema", command_schema, "print the recipe JSON Schema", store=False)
+    runs = add("runs", command_runs, "list runs, newest first")
+    runs.add_argument("--json", action="store_true")
+    show = add("show", command_show, "show one run's stages and variants")
+    show.add_argument("run", help="run id, unique prefix, or 'latest'")
+    show.add_argument("--json", action="store_true")
+    demo = add("demo", command_demo, "train the digits baseline and run recipes/demo.yaml on it")
+    demo.add_argument("--out", default="demo-out", help="folder for the demo checkpoint")
+    demo.add_argument("--epochs", type=int, default=15)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``optipipe`` command."""
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        os.environ[QUIET_ENV] = "1"
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    try:
+        return args.handler(args)
+    except OptipipeError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

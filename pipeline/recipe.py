@@ -1,0 +1,250 @@
+"""Recipes: the pydantic schema, YAML loading with file:line errors, and the stage DAG with its checks.
+
+Everything that can be wrong with a recipe is found here, before any stage runs: unknown keys or
+stages, mistyped parameters, unknown ``needs``, cycles, and stages fed a model kind they cannot take.
+"""
+
+from __future__ import annotations
+
+import difflib
+import graphlib
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import RecipeError
+from pipeline.recipe_yaml import LineMap, load_yaml_with_lines
+from stages import load_stage, stage_names
+
+STAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class StrictModel(BaseModel):
+    """Recipe sections refuse unknown keys: a typo is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSpec(StrictModel):
+    """How to build the architecture that the checkpoint's weights go into."""
+
+    factory: str = Field(description="'module.path:callable' returning an nn.Module, e.g. pipeline.zoo:digits_cnn")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory")
+    input_shape: list[int] = Field(
+        min_length=1, description="shape of one example batch, batch first, e.g. [1, 1, 8, 8]"
+    )
+
+
+class DataSpec(StrictModel):
+    """Where train (calibration, fine-tuning) and eval (validation) batches come from."""
+
+    source: Literal["digits", "synthetic"] | None = Field(
+        default=None, description="a built-in data set: 'digits' (scikit-learn, offline) or 'synthetic'"
+    )
+    factory: str | None = Field(
+        default=None, description="'module.path:callable' returning (train_loader, eval_loader)"
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the source/factory")
+    batch_size: int = Field(default=64, ge=1, description="batch size of the built-in sources")
+    seed: int = Field(default=0, description="seed of the built-in sources' split and shuffling")
+
+    @model_validator(mode="after")
+    def one_source(self) -> "DataSpec":
+        if self.source is None and self.factory is None:
+            self.source = "digits"
+        elif self.source is not None and self.factory is not None:
+            raise ValueError("give either 'source' or 'factory', not both")
+        return self
+
+
+class StageSpec(StrictModel):
+    """One node of the DAG: which stage it ``uses``, which stages it ``needs``, and its parameters (``with``)."""
+
+    uses: str = Field(description="stage to run, e.g. quantize")
+    needs: list[str] = Field(default_factory=list, description="names of the stages whose outputs feed this one")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="the stage's parameters")
+
+
+class Recipe(StrictModel):
+    """A whole recipe file."""
+
+    name: str = Field(pattern=STAGE_NAME_PATTERN, description="recipe name (letters, digits, '-', '_')")
+    description: str = ""
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    baseline: str | None = Field(
+        default=None, description="stage whose model is the FP32 baseline; default: the load_checkpoint stage"
+    )
+    stages: dict[str, StageSpec] = Field(min_length=1, description="stage name -> stage")
+
+
+@dataclass
+class Plan:
+    """A checked recipe ready to run: validated params per stage and a topological order."""
+
+    recipe: Recipe
+    path: Path
+    digest: str
+    params: dict[str, BaseModel]
+    order: list[str]
+    baseline: str
+
+    def needs_of(self, name: str) -> list[str]:
+        """Upstream stages whose outputs are ``name``'s inputs."""
+        return self.recipe.stages[name].needs
+
+    def waits_for(self, name: str) -> list[str]:
+        """Upstream stages ``name`` must wait for: its needs, plus the baseline for stages that compare with it."""
+        upstream = list(self.needs_of(name))
+        if name != self.baseline and self.baseline not in upstream and load_stage(self.recipe.stages[name].uses).inputs == "many":
+            upstream.append(self.baseline)
+        return upstream
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (choose from: {', '.join(sorted(choices))})"
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str], path: Path) -> None:
+    """Apply ``--set STAGE.PARAM=VALUE`` (VALUE parsed as YAML) to the raw recipe mapping."""
+    stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
+    for override in overrides:
+        target, sep, value_text = override.partition("=")
+        stage_name, dot, param = target.partition(".")
+        if not sep or not dot or not param:
+            raise RecipeError(f"--set '{override}': write it as STAGE.PARAM=VALUE, e.g. int8.calibration_batches=32")
+        if stage_name not in stages:
+            raise RecipeError(f"--set '{override}': {path} has no stage '{stage_name}'{_suggest(stage_name, list(stages))}")
+        stage = stages[stage_name]
+        if not isinstance(stage.get("with"), dict):
+            stage["with"] = {}
+        stage["with"][param] = yaml.safe_load(value_text)
+
+
+def _error_message(path: Path, lines: LineMap, loc: tuple[Any, ...], message: str) -> str:
+    where = ".".join(str(part) for part in loc) or "recipe"
+    return f"{path}:{lines.line_of(loc)}: {where}: {message}"
+
+
+def _pydantic_errors(path: Path, lines: LineMap, error: ValidationError, prefix: tuple[Any, ...], fields: list[str]) -> RecipeError:
+    first = error.errors()[0]
+    loc = prefix + tuple(first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key '{loc[-1]}'{_suggest(str(loc[-1]), fields)}"
+    elif first["type"] == "missing":
+        message = f"required key '{loc[-1]}' is missing"
+    elif "input" in first and first["type"] not in {"missing"}:
+        message = f"{message} (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    suffix = f" [and {more} more problem{'s' * (more > 1)}]" if more else ""
+    return RecipeError(_error_message(path, lines, loc, message) + suffix)
+
+
+def _check_section_keys(path: Path, lines: LineMap, error: ValidationError) -> RecipeError:
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    owner: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = owner.model_fields.get(str(part)) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            owner = annotation
+        elif owner is Recipe and part == "stages":
+            owner = StageSpec
+    names = [info.alias or name for name, info in owner.model_fields.items()]
+    return _pydantic_errors(path, lines, error, (), names)
+
+
+def _check_stage(path: Path, lines: LineMap, recipe: Recipe, name: str) -> BaseModel:
+    spec = recipe.stages[name]
+    loc = ("stages", name)
+    if not re.match(STAGE_NAME_PATTERN, name):
+        raise RecipeError(_error_message(path, lines, loc, "stage names may hold only letters, digits, '-' and '_'"))
+    if spec.uses not in stage_names():
+        raise RecipeError(_error_message(path, lines, loc + ("uses",), f"unknown stage '{spec.uses}'{_suggest(spec.uses, stage_names())}"))
+    module = load_stage(spec.uses)
+    for upstream in spec.needs:
+        if upstream == name:
+            raise RecipeError(_error_message(path, lines, loc + ("needs",), f"stage '{name}' needs itself"))
+        if upstream not in recipe.stages:
+            raise RecipeError(_error_message(path, lines, loc + ("needs",), f"needs unknown stage '{upstream}'{_suggest(upstream, list(recipe.stages))}"))
+    if module.inputs == "none" and spec.needs:
+        raise RecipeError(_error_message(path, lines, loc + ("needs",), f"'{spec.uses}' starts a pipeline and takes no inputs; remove 'needs'"))
+    if module.inputs == "one" and len(spec.needs) != 1:
+        raise RecipeError(_error_message(path, lines, loc + ("needs",), f"'{spec.uses}' takes exactly one input; 'needs' lists {len(spec.needs)}"))
+    if module.inputs == "many" and not spec.needs:
+        raise RecipeError(_error_message(path, lines, loc + ("needs",), f"'{spec.uses}' needs at least one input stage"))
+    try:
+        return module.Params.model_validate(spec.with_)
+    except ValidationError as error:
+        fields = list(module.Params.model_fields)
+        raise _pydantic_errors(path, lines, error, loc + ("with",), fields) from None
+
+
+def _check_kinds(path: Path, lines: LineMap, recipe: Recipe) -> None:
+    for name, spec in recipe.stages.items():
+        takes = load_stage(spec.uses).takes
+        for upstream in spec.needs:
+            made = load_stage(recipe.stages[upstream].uses).makes
+            if made not in takes:
+                raise RecipeError(_error_message(
+                    path, lines, ("stages", name, "needs"),
+                    f"'{spec.uses}' takes {' or '.join(takes)} models but '{upstream}' ({recipe.stages[upstream].uses}) makes a {made} model",
+                ))
+
+
+def _topological_order(path: Path, lines: LineMap, recipe: Recipe) -> list[str]:
+    sorter = graphlib.TopologicalSorter({name: spec.needs for name, spec in recipe.stages.items()})
+    try:
+        return list(sorter.static_order())
+    except graphlib.CycleError as error:
+        cycle = error.args[1]
+        raise RecipeError(_error_message(path, lines, ("stages", cycle[0], "needs"), f"cycle in 'needs': {' -> '.join(cycle)}")) from None
+
+
+def _choose_baseline(path: Path, lines: LineMap, recipe: Recipe) -> str:
+    if recipe.baseline is not None:
+        if recipe.baseline not in recipe.stages:
+            raise RecipeError(_error_message(path, lines, ("baseline",), f"unknown stage '{recipe.baseline}'{_suggest(recipe.baseline, list(recipe.stages))}"))
+        return recipe.baseline
+    sources = [name for name, spec in recipe.stages.items() if spec.uses == "load_checkpoint"]
+    if len(sources) != 1:
+        raise RecipeError(_error_message(path, lines, ("stages",), f"a recipe needs exactly one load_checkpoint stage (found {len(sources)}), or a 'baseline' key naming the FP32 stage"))
+    return sources[0]
+
+
+def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Plan:
+    """Read, validate and plan a recipe file; every problem is a ``RecipeError`` naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    raw, lines = load_yaml_with_lines(path)
+    _apply_overrides(raw, overrides or [], path)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise _check_section_keys(path, lines, error) from None
+    params = {name: _check_stage(path, lines, recipe, name) for name in recipe.stages}
+    order = _topological_order(path, lines, recipe)
+    _check_kinds(path, lines, recipe)
+    baseline = _choose_baseline(path, lines, recipe)
+    canonical = json.dumps(recipe.model_dump(mode="json", by_alias=True), sort_keys=True)
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    return Plan(recipe=recipe, path=path, digest=digest, params=params, order=order, baseline=baseline)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of a recipe, with each stage's parameters, for editors and ``optipipe schema``."""
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["$defs"]["StageParameters"] = {
+        uses: load_stage(uses).Params.model_json_schema() for uses in stage_names()
+    }
+    return schema

@@ -1,0 +1,39 @@
+"""A plain supervised training loop, shared by the demo baseline and stages that fine-tune."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from pipeline.data import split_batch
+from pipeline.progress import track
+
+
+def train_classifier(
+    model: nn.Module,
+    train_loader: Iterable,
+    epochs: int,
+    lr: float = 1e-3,
+    optimizer: torch.optim.Optimizer | None = None,
+    description: str = "train",
+) -> tuple[torch.optim.Optimizer, float]:
+    """Train ``model`` with cross-entropy (Adam unless an optimizer is given); returns the optimizer and last epoch's mean loss."""
+    optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    loss_function = nn.CrossEntropyLoss()
+    model.train()
+    mean_loss = float("nan")
+    for epoch in track(range(epochs), description):
+        total, batches = 0.0, 0
+        for batch in train_loader:
+            inputs, labels = split_batch(batch, "train")
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_function(model(inputs), labels)
+            loss.backward()
+            optimizer.step()
+            total += float(loss)
+            batches += 1
+        mean_loss = total / max(batches, 1)
+    model.eval()
+    return optimizer, mean_loss

@@ -1,0 +1,60 @@
+"""Validate every variant against the FP32 baseline on the eval split; reject those that lost too much accuracy."""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import Field
+
+from pipeline.evaluate import compare_logits, predict_all
+from pipeline.models import ModelHandle, ReportFile, runner_for
+from pipeline.stage import StageContext, StageOutput, StageParams
+
+takes = ("torch", "onnx")
+inputs = "many"
+makes = "report"
+version = 1
+
+REPORT_FILE = "validation.json"
+
+
+class Params(StageParams):
+    max_accuracy_drop: float = Field(
+        default=0.01, ge=0.0, le=1.0,
+        description="largest top-1 drop vs the FP32 baseline a variant may show, as a fraction (0.01 = 1 point)",
+    )
+    min_agreement: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="smallest share of eval inputs on which a variant must predict the baseline's class",
+    )
+
+
+def _verdict(metrics: dict, params: Params) -> str | None:
+    drop = -metrics["delta_top1"]
+    if drop > params.max_accuracy_drop:
+        return f"top-1 dropped {drop * 100:.2f} points vs FP32 (max_accuracy_drop allows {params.max_accuracy_drop * 100:.2f})"
+    if metrics["agreement"] < params.min_agreement:
+        return f"agrees with FP32 on {metrics['agreement']:.2%} of inputs (min_agreement {params.min_agreement:.2%})"
+    return None
+
+
+def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+    """Predict the eval split with the baseline and every input variant, and compare them."""
+    eval_inputs, labels = ctx.data.eval_arrays
+    baseline_logits = predict_all(runner_for(ctx.baseline), eval_inputs, description=f"validate {ctx.baseline_name}")
+    baseline = compare_logits(baseline_logits, baseline_logits, labels)
+    baseline.update(kind=ctx.baseline.kind, size_bytes=ctx.baseline.size_bytes)
+    variants, rejected = {}, {}
+    for name, handle in zip(ctx.input_names, inputs):
+        logits = predict_all(runner_for(handle), eval_inputs, description=f"validate {name}")
+        metrics = compare_logits(baseline_logits, logits, labels)
+        metrics.update(kind=handle.kind, size_bytes=handle.size_bytes)
+        reason = _verdict(metrics, params)
+        metrics["status"] = "rejected" if reason else "accepted"
+        if reason:
+            rejected[name] = reason
+        variants[name] = metrics
+    report = {"baseline_stage": ctx.baseline_name, "baseline": baseline, "variants": variants, "rejected": rejected}
+    path = ctx.workdir / REPORT_FILE
+    path.write_text(json.dumps(report, indent=2))
+    return StageOutput(product=ReportFile(path=path), metrics=report)
