@@ -32,7 +32,7 @@ def train_classifier(
             loss = loss_function(model(inputs), labels)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.item()
             batches += 1
         mean_loss = total / max(batches, 1)
     model.eval()

@@ -1,0 +1,60 @@
+"""The validate stage: metrics against the baseline, and rejection of variants that lost accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from pipeline.data import build_data
+from pipeline.evaluate import compare_logits
+from pipeline.models import save_torch_module
+from pipeline.recipe import Recipe
+from pipeline.stage import StageContext
+from pipeline.zoo import digits_cnn
+from pipeline.train import train_classifier
+from stages import validate
+
+RECIPE = Recipe.model_validate({
+    "name": "t",
+    "model": {"factory": "pipeline.zoo:digits_cnn", "input_shape": [1, 1, 8, 8]},
+    "stages": {"load": {"uses": "load_checkpoint"}},
+})
+
+
+def test_compare_logits_counts_agreement_and_class_deltas():
+    labels = np.array([0, 1, 1, 0])
+    baseline = np.array([[2.0, 0], [0, 2], [0, 2], [2, 0]])
+    variant = np.array([[2.0, 0], [2, 0], [0, 2], [2, 0]])
+    metrics = compare_logits(baseline, variant, labels)
+    assert metrics["top1"] == 0.75 and metrics["delta_top1"] == -0.25 and metrics["agreement"] == 0.75
+    assert metrics["per_class_delta"] == [0.0, -0.5] and metrics["max_abs_logit_diff"] == 2.0
+
+
+def test_variant_over_the_allowed_drop_is_rejected(tmp_path):
+    torch.manual_seed(0)
+    data = build_data(RECIPE.data, [1, 1, 8, 8])
+    trained = digits_cnn()
+    train_classifier(trained, data.train, epochs=3, lr=3e-3)
+    damaged = digits_cnn()
+    damaged.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        damaged.classifier.weight.add_(torch.randn_like(damaged.classifier.weight) * 3)
+    handles = []
+    for name, module in (("baseline", trained), ("same", trained), ("damaged", damaged)):
+        (tmp_path / name).mkdir()
+        handles.append(save_torch_module(module, tmp_path / name))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    context = StageContext(
+        name="check", workdir=workdir, recipe=RECIPE, checkpoint_path=None, load_data=lambda: data,
+        input_names=["same", "damaged"], baseline=handles[0], baseline_name="load",
+    )
+    output = validate.run(context, handles[1:], validate.Params(max_accuracy_drop=0.01))
+    variants = output.metrics["variants"]
+    assert variants["same"]["status"] == "accepted" and variants["same"]["agreement"] == 1.0
+    assert variants["damaged"]["status"] == "rejected"
+    assert set(output.metrics["rejected"]) == {"damaged"}
+    assert "points vs FP32" in output.metrics["rejected"]["damaged"]
+    assert json.loads(output.product.path.read_text())["variants"]["damaged"]["status"] == "rejected"
