@@ -22,7 +22,8 @@ EXIT_REJECTED = 1
 EXIT_USER_ERROR = 2
 STORE_ENV = "OPTIPIPE_STORE"
 
-console = Console()
+# Off a terminal (pipes, CI logs) rich would squeeze tables into 80 columns; give them room instead.
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _store_root(args: argparse.Namespace) -> str:

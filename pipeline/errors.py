@@ -5,6 +5,10 @@ Raise them with the fix in the message: what was wrong, where (file, line, field
 
 from __future__ import annotations
 
+import re
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
 
 class OptipipeError(Exception):
     """Base of every error that is the user's input, not a bug in optipipe."""
@@ -28,3 +32,9 @@ class DataError(OptipipeError):
 
 class StoreError(OptipipeError):
     """The artifact store is unusable (not writable, corrupted artifact, unknown run)."""
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of any exception, without terminal colour codes."""
+    lines = [line.strip() for line in ANSI_CODES.sub("", str(error)).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else '(no message)'}"

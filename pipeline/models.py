@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -15,6 +16,10 @@ from pipeline.imports import resolve_callable
 TORCH_MODULE_FILE = "model.pt"
 TORCH_WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
+
+# torch.export keeps process-global tracing state: two captures in concurrent stage threads corrupt it
+# ("Trying to pop empty mode stack"). Every stage that captures a graph with torch.export holds this lock.
+TORCH_EXPORT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,105 @@
+"""End to end through Prefect: the demo recipe, the cache on re-run, partial re-runs, failures, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main, run_flow
+from pipeline.demo import DEMO_RECIPE
+from pipeline.report import variant_rows
+from pipeline.store import ArtifactStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_checkpoint, store_root) -> dict:
+    return run_flow(str(DEMO_RECIPE), str(demo_checkpoint), str(store_root), [])
+
+
+def states(record: dict) -> dict[str, str]:
+    return {stage["name"]: stage["state"] for stage in record["stages"]}
+
+
+def test_demo_recipe_runs_every_stage_and_writes_artifacts(first_run, store_root):
+    assert first_run["state"] == "succeeded", first_run["message"]
+    assert states(first_run) == {name: "done" for name in ("load", "slim", "fused", "onnx", "check")}
+    store = ArtifactStore(store_root)
+    for stage in first_run["stages"]:
+        manifest = json.loads((Path(stage["artifact"]) / "manifest.json").read_text())
+        assert manifest["key"] == stage["key"] and manifest["stage"] == stage["name"]
+        assert (Path(stage["artifact"]) / manifest["model"]).is_file()
+        assert manifest["versions"]["torch"].startswith("2.13") and manifest["peak_rss_bytes"] > 0
+        store.verify(store.read(stage["key"]))
+    assert list(store.tmp_dir.iterdir()) == []
+    rows = {row["variant"]: row for row in variant_rows(first_run)}
+    assert set(rows) == {"load", "fused", "onnx"}
+    assert rows["load"]["top1"] > 0.85
+    for variant in ("fused", "onnx"):
+        assert rows[variant]["agreement"] == 1.0 and abs(rows[variant]["delta_top1"]) < 1e-9
+        assert rows[variant]["max_abs_logit_diff"] < 1e-3
+    assert rows["onnx"]["kind"] == "onnx" and rows["fused"]["kind"] == "torch"
+
+
+def test_second_run_reuses_every_stage(first_run, demo_checkpoint, store_root):
+    second = run_flow(str(DEMO_RECIPE), str(demo_checkpoint), str(store_root), [])
+    assert second["state"] == "succeeded"
+    assert set(states(second).values()) == {"cached"}
+    assert [stage["key"] for stage in second["stages"]] == [stage["key"] for stage in first_run["stages"]]
+    stage_work = sum(stage["seconds"] for stage in first_run["stages"])
+    assert stage_work > 0 and sum(stage["seconds"] for stage in second["stages"]) == 0
+
+
+def test_changed_parameter_reruns_only_that_stage_and_downstream(first_run, demo_checkpoint, store_root):
+    record = run_flow(str(DEMO_RECIPE), str(demo_checkpoint), str(store_root), ["onnx.simplify=false"])
+    assert states(record) == {"load": "cached", "slim": "cached", "fused": "cached", "onnx": "done", "check": "done"}
+
+
+def test_two_branch_dag_validates_both_branches(demo_checkpoint, write_recipe, tmp_path):
+    recipe = write_recipe("""name: branches
+model: {factory: pipeline.zoo:digits_cnn, input_shape: [1, 1, 8, 8]}
+stages:
+  load: {uses: load_checkpoint}
+  fused: {uses: fuse_conv_bn, needs: [load]}
+  onnx_fused: {uses: export_onnx, needs: [fused]}
+  onnx_plain: {uses: export_onnx, needs: [load], with: {simplify: false}}
+  check: {uses: validate, needs: [onnx_fused, onnx_plain, fused]}
+""")
+    record = run_flow(str(recipe), str(demo_checkpoint), str(tmp_path / "store"), [])
+    assert record["state"] == "succeeded"
+    assert {row["variant"] for row in variant_rows(record)} == {"load", "fused", "onnx_fused", "onnx_plain"}
+
+
+def test_failed_stage_fails_the_run_and_skips_downstream(demo_checkpoint, write_recipe, tmp_path, capsys):
+    recipe = write_recipe(Path(DEMO_RECIPE).read_text().replace("pipeline.zoo:digits_cnn", "pipeline.zoo:digits_cnn, kwargs: {width: 16}"))
+    store_root = tmp_path / "store"
+    code = main(["run", str(recipe), "--checkpoint", str(demo_checkpoint), "--store", str(store_root)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "load:" in err and "mis-shaped" in err and "Traceback" not in err
+    record = ArtifactStore(store_root).resolve_run("latest")
+    assert record["state"] == "failed"
+    assert states(record) == {"load": "failed", "slim": "skipped", "fused": "skipped", "onnx": "skipped", "check": "skipped"}
+    assert "upstream stage 'load'" in record["stages"][1]["reason"]
+    assert list((store_root / "artifacts").iterdir()) == [] and list((store_root / "tmp").iterdir()) == []
+
+
+def test_cli_runs_and_show(first_run, store_root, capsys):
+    assert main(["runs", "--store", str(store_root), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert first_run["run_id"] in [record["run_id"] for record in listed]
+    assert all("stages" not in record for record in listed)
+    assert main(["show", first_run["run_id"][:17], "--store", str(store_root), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["run_id"] == first_run["run_id"] and len(shown["stages"]) == 5
+    assert main(["show", "latest", "--store", str(store_root)]) == 0
+    out = capsys.readouterr().out
+    assert "fused" in out and "agreement" in out
