@@ -60,7 +60,7 @@ def _publish_table(record: dict[str, Any]) -> None:
         )
 
 
-@flow(name="optimize", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_STAGES), log_prints=True)
+@flow(name="optimize", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_STAGES))
 def optimize(
     recipe_path: str,
     checkpoint_path: str,
