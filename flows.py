@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
+from pipeline.errors import OptipipeError  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.report import variant_rows  # noqa: E402
 from pipeline.session import RunSession  # noqa: E402
@@ -32,8 +33,15 @@ MAX_CONCURRENT_STAGES = 4
 
 @task(task_run_name="{name}", cache_policy=NO_CACHE, retries=0)
 def run_stage(session: RunSession, name: str) -> Any:
-    """One recipe stage as a Prefect task; a stage reused from the store ends in a state named ``Cached``."""
-    result = session.execute(name)
+    """One recipe stage as a Prefect task; a stage reused from the store ends in a state named ``Cached``.
+
+    A failing stage ends Failed with its one-line message (the session already recorded it), so the
+    log shows the reason rather than a traceback; downstream tasks then never start.
+    """
+    try:
+        result = session.execute(name)
+    except OptipipeError as error:
+        return Failed(message=str(error))
     logger = get_run_logger()
     if result.state == "cached":
         logger.info("%s: reused cached artifact %s", name, result.key[:12])

@@ -64,10 +64,11 @@ def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides:
 
 
 def _finish_run(record: dict[str, Any]) -> int:
-    from pipeline.report import stages_table, variants_table
+    from pipeline.report import stages_table, variant_rows, variants_table
 
     console.print(stages_table(record))
-    console.print(variants_table(record))
+    if variant_rows(record):
+        console.print(variants_table(record))
     console.print(f"run {record['run_id']}: {record['state']} in {record['seconds']:.1f}s")
     if record["state"] == "succeeded":
         return 0
@@ -113,14 +114,14 @@ def command_runs(args: argparse.Namespace) -> int:
 
 def command_show(args: argparse.Namespace) -> int:
     """optipipe show RUN"""
-    from pipeline.report import stages_table, variants_table
+    from pipeline.report import stages_table, variant_rows, variants_table
 
     record = _store(args).resolve_run(args.run)
     if args.json:
         _print_json(record)
         return 0
     console.print(stages_table(record))
-    if any(stage["uses"] == "validate" for stage in record["stages"]):
+    if variant_rows(record):
         console.print(variants_table(record))
     return 0
 

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import RecipeError
+from pipeline.imports import add_search_path, resolve_callable
 from pipeline.recipe_yaml import LineMap, load_yaml_with_lines
 from stages import load_stage, stage_names
 
@@ -221,6 +222,20 @@ def _choose_baseline(path: Path, lines: LineMap, recipe: Recipe) -> str:
     return sources[0]
 
 
+def _check_factories(path: Path, lines: LineMap, recipe: Recipe) -> None:
+    """Import the model and data factories now, so a missing module is a recipe error, not a mid-run failure."""
+    add_search_path(path.parent)
+    add_search_path(Path.cwd())
+    references = [(("model", "factory"), recipe.model.factory)]
+    if recipe.data.factory is not None:
+        references.append((("data", "factory"), recipe.data.factory))
+    for loc, reference in references:
+        try:
+            resolve_callable(reference, ".".join(loc))
+        except RecipeError as error:
+            raise RecipeError(f"{path}:{lines.line_of(loc)}: {error}") from None
+
+
 def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Plan:
     """Read, validate and plan a recipe file; every problem is a ``RecipeError`` naming file and line."""
     path = Path(path)
@@ -232,6 +247,7 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Plan:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise _check_section_keys(path, lines, error) from None
+    _check_factories(path, lines, recipe)
     params = {name: _check_stage(path, lines, recipe, name) for name in recipe.stages}
     order = _topological_order(path, lines, recipe)
     _check_kinds(path, lines, recipe)

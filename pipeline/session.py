@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.data import DataBundle, build_data, data_identity
 from pipeline.errors import CheckpointError, OptipipeError, StageError
-from pipeline.imports import add_search_path, module_source_digest
+from pipeline.imports import module_source_digest
 from pipeline.measure import PeakRSS, library_versions
 from pipeline.models import ModelHandle, handle_from_record
 from pipeline.recipe import Plan
@@ -71,8 +71,6 @@ class RunSession:
         self._lock = threading.RLock()
         self._data: DataBundle | None = None
         self._data_lock = threading.Lock()
-        add_search_path(plan.path.parent)
-        add_search_path(Path.cwd())
         self.checkpoint_sha256 = self._checkpoint_digest()
         self.model_identity = {
             "factory": plan.recipe.model.factory,
