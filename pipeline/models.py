@@ -17,9 +17,11 @@ TORCH_MODULE_FILE = "model.pt"
 TORCH_WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
 
-# torch.export keeps process-global tracing state: two captures in concurrent stage threads corrupt it
-# ("Trying to pop empty mode stack"). Every stage that captures a graph with torch.export holds this lock.
-TORCH_EXPORT_LOCK = threading.Lock()
+# Graph capture in torch is process-global: torch.fx.symbolic_trace patches nn.Module.__call__ for every
+# thread (a forward elsewhere then fails with "module is not installed as a submodule"), and torch.export
+# keeps global mode stacks ("Trying to pop empty mode stack"). Stages run in concurrent threads, so every
+# graph capture and every torch forward holds this lock; onnxruntime, onnxsim and file work still overlap.
+TORCH_GRAPH_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class TorchModel(ModelHandle):
             state_dict = torch.load(self.path, map_location="cpu", weights_only=True)
             module.load_state_dict(state_dict)
         else:
-            module = torch.load(self.path, map_location="cpu", weights_only=False)
+            with TORCH_GRAPH_LOCK:  # unpickling a torch.fx GraphModule re-traces it
+                module = torch.load(self.path, map_location="cpu", weights_only=False)
         return module.eval()
 
 
@@ -111,7 +114,7 @@ class TorchRunner:
         self.input_dtype = first_float.dtype if first_float is not None else torch.float32
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with TORCH_GRAPH_LOCK, torch.inference_mode():
             outputs = self.module(torch.from_numpy(inputs).to(self.input_dtype))
         return outputs.float().numpy()
 

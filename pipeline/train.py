@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.data import split_batch
+from pipeline.models import TORCH_GRAPH_LOCK
 from pipeline.progress import track
 
 
@@ -28,10 +29,11 @@ def train_classifier(
         total, batches = 0.0, 0
         for batch in train_loader:
             inputs, labels = split_batch(batch, "train")
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_function(model(inputs), labels)
-            loss.backward()
-            optimizer.step()
+            with TORCH_GRAPH_LOCK:  # a concurrent graph capture must not see this forward (pipeline.models)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_function(model(inputs), labels)
+                loss.backward()
+                optimizer.step()
             total += loss.item()
             batches += 1
         mean_loss = total / max(batches, 1)

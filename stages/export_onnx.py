@@ -23,7 +23,7 @@ from pydantic import Field
 from torch.export import Dim
 
 from pipeline.errors import ANSI_CODES, StageError, one_line
-from pipeline.models import ONNX_FILE, TORCH_EXPORT_LOCK, ModelHandle, OnnxModel, OnnxRunner, TorchRunner
+from pipeline.models import ONNX_FILE, TORCH_GRAPH_LOCK, ModelHandle, OnnxModel, OnnxRunner, TorchRunner
 from pipeline.stage import StageContext, StageOutput, StageParams
 
 
@@ -93,7 +93,7 @@ def export_model(module: torch.nn.Module, batch: torch.Tensor, params: Params) -
     # The exporter warns on every first use that torchvision ops are skipped; this project has no torchvision.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
-        with TORCH_EXPORT_LOCK:
+        with TORCH_GRAPH_LOCK:
             program = torch.onnx.export(
                 module,
                 (batch,),

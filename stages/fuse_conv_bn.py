@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from pipeline.errors import StageError, one_line
-from pipeline.models import ModelHandle, TorchModel, TorchRunner, save_torch_module
+from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchModel, TorchRunner, save_torch_module
 from pipeline.stage import StageContext, StageOutput, StageParams
 
 
@@ -185,7 +185,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
     parameters_before = count_parameters(model)
     trace_error: str | None = None
     try:
-        traced = fx.symbolic_trace(model)
+        with TORCH_GRAPH_LOCK:
+            traced = fx.symbolic_trace(model)
     except Exception as error:  # fx cannot trace this forward() (e.g. `if` on a tensor); fall back to eager
         trace_error = one_line(error)
         fused, fused_pairs, method = model, fuse_sequential(model), "sequential"
