@@ -43,6 +43,9 @@ def run_stage(session: RunSession, name: str) -> Any:
     except OptipipeError as error:
         return Failed(message=str(error))
     logger = get_run_logger()
+    if result.state == "skipped":
+        logger.warning("%s: skipped: %s", name, result.reason)
+        return Completed(name="Skipped", message=result.reason, data=result.as_record())
     if result.state == "cached":
         logger.info("%s: reused cached artifact %s", name, result.key[:12])
         return Completed(name="Cached", message=f"reused artifact {result.key[:12]}", data=result.as_record())

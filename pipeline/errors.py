@@ -38,3 +38,11 @@ def one_line(error: BaseException) -> str:
     """``Type: first line of the message`` of any exception, without terminal colour codes."""
     lines = [line.strip() for line in ANSI_CODES.sub("", str(error)).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0] if lines else '(no message)'}"
+
+
+class StageUnavailable(OptipipeError):
+    """A stage cannot run on this machine (no CUDA device, TensorRT missing) and asked to be skipped.
+
+    The session records the stage as ``skipped`` with this message; stages fed only by it are skipped
+    with the same reason, and stages taking many inputs (validate) go on without it.
+    """

@@ -136,12 +136,20 @@ class OnnxRunner:
 
 
 def runner_for(handle: ModelHandle) -> Runner:
-    """The runner for a handle's kind."""
+    """The runner for a handle, on the device the model was made for (CUDA for engines and GPU casts)."""
+    if isinstance(handle, EngineModel):
+        from pipeline.gpu import TensorRTRunner
+
+        return TensorRTRunner(handle.path, handle.meta)
+    if isinstance(handle, TorchModel) and handle.meta.get("device") == "cuda":
+        from pipeline.gpu import CudaTorchRunner
+
+        return CudaTorchRunner(handle.load())
     if isinstance(handle, TorchModel):
         return TorchRunner(handle.load())
     if isinstance(handle, OnnxModel):
         return OnnxRunner(handle.path)
-    raise StageError(f"no CPU runner for a '{handle.kind}' model ({handle.path.name}); it needs its own device")
+    raise StageError(f"no runner for a '{handle.kind}' model ({handle.path.name})")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data import DataBundle, build_data, data_identity
-from pipeline.errors import CheckpointError, OptipipeError, StageError
+from pipeline.errors import CheckpointError, OptipipeError, StageError, StageUnavailable
 from pipeline.imports import module_source_digest
 from pipeline.measure import PeakRSS, library_versions
 from pipeline.models import ModelHandle, handle_from_record
@@ -26,9 +26,6 @@ from pipeline.recipe import Plan
 from pipeline.stage import StageContext, StageOutput
 from pipeline.store import Artifact, ArtifactStore, sha256_file, sha256_text
 from stages import load_stage
-
-STAGE_STATES = ("done", "cached", "failed", "skipped", "rejected")
-
 
 def utc_now() -> str:
     """ISO-8601 UTC timestamp with seconds."""
@@ -42,7 +39,10 @@ def new_run_id() -> str:
 
 @dataclass
 class StageResult:
-    """What happened to one stage in a run (one entry of the run record's ``stages``)."""
+    """What happened to one stage in a run (one entry of the run record's ``stages``).
+
+    ``state`` is one of done | cached | failed | skipped | rejected (DESIGN.md contract).
+    """
 
     name: str
     uses: str
@@ -123,7 +123,7 @@ class RunSession:
             "stage_version": module.version,
             "stage_source_sha256": sha256_text(inspect.getsource(module)),
             "params": self.plan.params[name].model_dump(mode="json"),
-            "inputs": [self.artifacts[upstream].digest for upstream in spec.needs],
+            "inputs": [self.artifacts[upstream].digest for upstream in self.available_inputs(name)],
             "model": self.model_identity,
             "data": data_identity(self.plan.recipe.data),
             "versions": self.versions,
@@ -133,6 +133,19 @@ class RunSession:
         if self._compares_with_baseline(name):
             payload["baseline"] = self.artifacts[self.plan.baseline].digest
         return payload
+
+    def available_inputs(self, name: str) -> list[str]:
+        """The upstream stages of ``name`` that produced an artifact (skipped ones are left out)."""
+        return [upstream for upstream in self.plan.needs_of(name) if upstream in self.artifacts]
+
+    def _unavailable_reason(self, name: str) -> str | None:
+        """Why ``name`` must be skipped: an input it cannot do without was skipped (None when it can run)."""
+        skipped = [upstream for upstream in self.plan.needs_of(name) if upstream not in self.artifacts]
+        if not skipped:
+            return None
+        if load_stage(self.plan.recipe.stages[name].uses).inputs == "many" and self.available_inputs(name):
+            return None
+        return self.results[skipped[0]].reason
 
     def _compares_with_baseline(self, name: str) -> bool:
         return name != self.plan.baseline and load_stage(self.plan.recipe.stages[name].uses).inputs == "many"
@@ -147,6 +160,10 @@ class RunSession:
         """Run stage ``name`` (its inputs must have finished), or reuse its cached artifact."""
         spec = self.plan.recipe.stages[name]
         module = load_stage(spec.uses)
+        unavailable_reason = self._unavailable_reason(name)
+        if unavailable_reason is not None:
+            return self.skip(name, unavailable_reason)
+        inputs_used = self.available_inputs(name)
         payload = self.cache_payload(name)
         key = self.store.cache_key(payload)
         cached = self.store.find(key)
@@ -162,11 +179,11 @@ class RunSession:
                 recipe=self.plan.recipe,
                 checkpoint_path=self.checkpoint_path,
                 load_data=self.data,
-                input_names=list(spec.needs),
+                input_names=inputs_used,
                 baseline=self.handle_of(self.artifacts[self.plan.baseline]) if self._compares_with_baseline(name) else None,
                 baseline_name=self.plan.baseline,
             )
-            inputs = [self.handle_of(self.artifacts[upstream]) for upstream in spec.needs]
+            inputs = [self.handle_of(self.artifacts[upstream]) for upstream in inputs_used]
             with PeakRSS() as memory:
                 output: StageOutput = module.run(context, inputs, self.plan.params[name])
             seconds = time.perf_counter() - started
@@ -176,7 +193,7 @@ class RunSession:
                 "kind": output.product.kind,
                 "handle": output.product.meta,
                 "params": self.plan.params[name].model_dump(mode="json"),
-                "inputs": [self.artifacts[upstream].key for upstream in spec.needs],
+                "inputs": [self.artifacts[upstream].key for upstream in inputs_used],
                 "metrics": output.metrics,
                 "seconds": round(seconds, 4),
                 "peak_rss_bytes": memory.peak_bytes,
@@ -185,6 +202,9 @@ class RunSession:
                 "run_id": self.run_id,
                 "created_at": utc_now(),
             })
+        except StageUnavailable as unavailable:
+            self.store.discard(workdir)
+            return self.skip(name, str(unavailable))
         except BaseException as error:
             self.store.discard(workdir)
             failure = error if isinstance(error, OptipipeError) else StageError(
@@ -216,7 +236,7 @@ class RunSession:
         return result
 
     def skip(self, name: str, reason: str) -> StageResult:
-        """Record that stage ``name`` did not run, and why (e.g. an upstream stage failed)."""
+        """Record that stage ``name`` did not run, and why (its hardware is missing, an upstream stage failed)."""
         spec = self.plan.recipe.stages[name]
         return self._finish_stage(StageResult(name, spec.uses, "skipped", reason=reason))
 

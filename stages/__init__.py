@@ -14,6 +14,8 @@ STAGE_MODULES: dict[str, str] = {
     "fuse_conv_bn": "stages.fuse_conv_bn",
     "export_onnx": "stages.export_onnx",
     "validate": "stages.validate",
+    "tensorrt": "stages.tensorrt",
+    "precision": "stages.precision",
 }
 
 

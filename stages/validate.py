@@ -10,7 +10,7 @@ from pipeline.evaluate import compare_logits, predict_all
 from pipeline.models import ModelHandle, ReportFile, runner_for
 from pipeline.stage import StageContext, StageOutput, StageParams
 
-takes = ("torch", "onnx")
+takes = ("torch", "onnx", "engine")
 inputs = "many"
 makes = "report"
 version = 1
