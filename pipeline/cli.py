@@ -126,6 +126,25 @@ def command_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_diff(args: argparse.Namespace) -> int:
+    """optipipe diff RUN_A RUN_B"""
+    from pipeline.compare import compare_runs, comparison_tables
+
+    store = _store(args)
+    comparison = compare_runs(
+        store.resolve_run(args.run_a), store.resolve_run(args.run_b),
+        max_accuracy_drop=args.max_accuracy_drop, max_latency_increase=args.max_latency_increase,
+    )
+    if args.json:
+        _print_json(comparison)
+    else:
+        for table in comparison_tables(comparison):
+            console.print(table)
+        for regression in comparison["regressions"]:
+            console.print(f"[red]regression:[/] {regression}", highlight=False)
+    return EXIT_REJECTED if comparison["regressions"] else 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     """optipipe demo: train the digits baseline, then run recipes/demo.yaml on it."""
     from pipeline.demo import DEMO_RECIPE, train_demo_checkpoint
@@ -165,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = add("show", command_show, "show one run's stages and variants")
     show.add_argument("run", help="run id, unique prefix, or 'latest'")
     show.add_argument("--json", action="store_true")
+    diff = add("diff", command_diff, "compare two runs: identical artifacts, changed parameters, accuracy/latency/size deltas")
+    diff.add_argument("run_a", help="run id, unique prefix, or 'latest'")
+    diff.add_argument("run_b")
+    diff.add_argument("--max-accuracy-drop", type=float, default=0.0, help="top-1 drop (fraction) flagged as a regression")
+    diff.add_argument("--max-latency-increase", type=float, default=None, help="latency growth (fraction) flagged as a regression")
+    diff.add_argument("--json", action="store_true")
     demo = add("demo", command_demo, "train the digits baseline and run recipes/demo.yaml on it")
     demo.add_argument("--out", default="demo-out", help="folder for the demo checkpoint")
     demo.add_argument("--epochs", type=int, default=15)

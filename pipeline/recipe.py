@@ -101,10 +101,17 @@ class Plan:
         return self.recipe.stages[name].needs
 
     def waits_for(self, name: str) -> list[str]:
-        """Upstream stages ``name`` must wait for: its needs, plus the baseline for stages that compare with it."""
+        """Upstream stages ``name`` must wait for: its needs, the baseline for stages that compare with it,
+        and, for stages that time things (``runs_alone``), every other stage, so no concurrent work skews them."""
+        module = load_stage(self.recipe.stages[name].uses)
         upstream = list(self.needs_of(name))
-        if name != self.baseline and self.baseline not in upstream and load_stage(self.recipe.stages[name].uses).inputs == "many":
+        if name != self.baseline and self.baseline not in upstream and module.inputs == "many":
             upstream.append(self.baseline)
+        if getattr(module, "runs_alone", False):
+            upstream += [
+                other for other in self.order
+                if other not in upstream and not getattr(load_stage(self.recipe.stages[other].uses), "runs_alone", False)
+            ]
         return upstream
 
 

@@ -25,9 +25,22 @@ def _stage_seconds(record: dict[str, Any], name: str) -> str:
     return "-"
 
 
+def _benchmarks(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Benchmark figures per variant (baseline included) from the run's ``benchmark`` stages."""
+    figures: dict[str, dict[str, Any]] = {}
+    for stage in record["stages"]:
+        if stage["uses"] == "benchmark" and stage.get("metrics"):
+            metrics = stage["metrics"]
+            figures.setdefault(metrics["baseline_stage"], metrics["baseline"])
+            for name, values in metrics["variants"].items():
+                figures.setdefault(name, values)
+    return figures
+
+
 def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per validated variant (baseline first), from every ``validate`` stage of a run record."""
+    """One row per validated variant (baseline first), with latency where a ``benchmark`` stage timed it."""
     rows: list[dict[str, Any]] = []
+    benchmarks = _benchmarks(record)
     for stage in record["stages"]:
         if stage["uses"] != "validate" or not stage.get("metrics"):
             continue
@@ -37,6 +50,8 @@ def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         for name, values, status in entries:
             if any(row["variant"] == name for row in rows):
                 continue
+            timing = benchmarks.get(name)
+            batch_size = next(iter(timing["batches"])) if timing else None
             rows.append({
                 "variant": name,
                 "kind": values["kind"],
@@ -45,6 +60,9 @@ def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "agreement": round(values["agreement"], 4),
                 "max_abs_logit_diff": float(f"{values['max_abs_logit_diff']:.3g}"),
                 "size_bytes": values["size_bytes"],
+                "latency_batch": int(batch_size) if batch_size else None,
+                "latency_p50_ms": round(timing["batches"][batch_size]["p50_ms"], 4) if timing else None,
+                "speedup_vs_baseline": round(timing["speedup_vs_baseline"][batch_size], 3) if timing else None,
                 "stage_seconds": _stage_seconds(record, name),
                 "status": status,
             })
@@ -54,13 +72,19 @@ def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
 def variants_table(record: dict[str, Any]) -> Table:
     """The accuracy / size / time table of a run's variants against the FP32 baseline."""
     table = Table(title=f"{record['recipe']['name']} · run {record['run_id']} · {record['state']}")
-    for header in ("variant", "kind", "top-1", "Δ top-1", "agreement", "max |Δ logit|", "size", "stage s", "status"):
+    rows = variant_rows(record)
+    batch = next((row["latency_batch"] for row in rows if row["latency_batch"]), None)
+    latency_header = f"p50 ms @{batch}" if batch else "p50 ms"
+    headers = ("variant", "kind", "top-1", "Δ top-1", "agreement", "max |Δ logit|", "size", latency_header, "speed-up", "stage s", "status")
+    for header in headers:
         table.add_column(header, justify="left" if header in ("variant", "kind", "status") else "right")
-    for row in variant_rows(record):
+    for row in rows:
         style = "red" if row["status"] == "rejected" else None
+        timed = row["latency_p50_ms"] is not None
         table.add_row(
             row["variant"], row["kind"], f"{row['top1']:.2%}", f"{row['delta_top1'] * 100:+.2f} pt",
             f"{row['agreement']:.2%}", f"{row['max_abs_logit_diff']:.3g}", format_bytes(row["size_bytes"]),
+            f"{row['latency_p50_ms']:.3f}" if timed else "-", f"{row['speedup_vs_baseline']:.2f}×" if timed else "-",
             row["stage_seconds"], row["status"], style=style,
         )
     return table
@@ -69,8 +93,12 @@ def variants_table(record: dict[str, Any]) -> Table:
 def _metrics_summary(metrics: dict[str, Any] | None) -> str:
     if not metrics:
         return ""
-    if "variants" in metrics:
-        return ", ".join(f"{name}: {values['status']}" for name, values in metrics["variants"].items())
+    if "variants" in metrics:  # validate: verdicts; benchmark: speed-up at the first batch size
+        return ", ".join(
+            f"{name}: {values['status']}" if "status" in values
+            else f"{name}: {next(iter(values['speedup_vs_baseline'].values())):.2f}× at batch {next(iter(values['batches']))}"
+            for name, values in metrics["variants"].items()
+        )
     shown = [f"{key}={value}" for key, value in metrics.items() if isinstance(value, (int, float, str, bool))]
     return ", ".join(shown[:6])
 

@@ -14,6 +14,7 @@ STAGE_MODULES: dict[str, str] = {
     "fuse_conv_bn": "stages.fuse_conv_bn",
     "export_onnx": "stages.export_onnx",
     "validate": "stages.validate",
+    "benchmark": "stages.benchmark",
     "tensorrt": "stages.tensorrt",
     "precision": "stages.precision",
 }

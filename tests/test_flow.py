@@ -31,7 +31,7 @@ def states(record: dict) -> dict[str, str]:
 
 def test_demo_recipe_runs_every_stage_and_writes_artifacts(first_run, store_root):
     assert first_run["state"] == "succeeded", first_run["message"]
-    assert states(first_run) == {name: "done" for name in ("load", "slim", "fused", "onnx", "check")}
+    assert states(first_run) == {name: "done" for name in ("load", "slim", "fused", "onnx", "check", "bench")}
     store = ArtifactStore(store_root)
     for stage in first_run["stages"]:
         manifest = json.loads((Path(stage["artifact"]) / "manifest.json").read_text())
@@ -46,7 +46,9 @@ def test_demo_recipe_runs_every_stage_and_writes_artifacts(first_run, store_root
     for variant in ("fused", "onnx"):
         assert rows[variant]["agreement"] == 1.0 and abs(rows[variant]["delta_top1"]) < 1e-9
         assert rows[variant]["max_abs_logit_diff"] < 1e-3
+        assert rows[variant]["latency_p50_ms"] > 0 and rows[variant]["speedup_vs_baseline"] > 0
     assert rows["onnx"]["kind"] == "onnx" and rows["fused"]["kind"] == "torch"
+    assert rows["load"]["speedup_vs_baseline"] == 1.0
 
 
 def test_second_run_reuses_every_stage(first_run, demo_checkpoint, store_root):
@@ -60,7 +62,7 @@ def test_second_run_reuses_every_stage(first_run, demo_checkpoint, store_root):
 
 def test_changed_parameter_reruns_only_that_stage_and_downstream(first_run, demo_checkpoint, store_root):
     record = run_flow(str(DEMO_RECIPE), str(demo_checkpoint), str(store_root), ["onnx.simplify=false"])
-    assert states(record) == {"load": "cached", "slim": "cached", "fused": "cached", "onnx": "done", "check": "done"}
+    assert states(record) == {"load": "cached", "slim": "cached", "fused": "cached", "onnx": "done", "check": "done", "bench": "done"}
 
 
 def test_two_branch_dag_validates_both_branches(demo_checkpoint, write_recipe, tmp_path):
@@ -87,7 +89,7 @@ def test_failed_stage_fails_the_run_and_skips_downstream(demo_checkpoint, write_
     assert "load:" in err and "mis-shaped" in err and "Traceback" not in err
     record = ArtifactStore(store_root).resolve_run("latest")
     assert record["state"] == "failed"
-    assert states(record) == {"load": "failed", "slim": "skipped", "fused": "skipped", "onnx": "skipped", "check": "skipped"}
+    assert states(record) == {name: "skipped" for name in ("slim", "fused", "onnx", "check", "bench")} | {"load": "failed"}
     assert "upstream stage 'load'" in record["stages"][1]["reason"]
     assert list((store_root / "artifacts").iterdir()) == [] and list((store_root / "tmp").iterdir()) == []
 
@@ -99,7 +101,7 @@ def test_cli_runs_and_show(first_run, store_root, capsys):
     assert all("stages" not in record for record in listed)
     assert main(["show", first_run["run_id"][:17], "--store", str(store_root), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["run_id"] == first_run["run_id"] and len(shown["stages"]) == 5
+    assert shown["run_id"] == first_run["run_id"] and len(shown["stages"]) == 6
     assert main(["show", "latest", "--store", str(store_root)]) == 0
     out = capsys.readouterr().out
     assert "fused" in out and "agreement" in out

@@ -57,4 +57,4 @@ def test_gpu_recipe_through_prefect_shows_skipped_stages(demo_checkpoint, tmp_pa
     record = run_flow(str(GPU_RECIPE), str(demo_checkpoint), str(tmp_path / "store"), [])
     assert record["state"] == "succeeded"
     states = {stage["name"]: stage["state"] for stage in record["stages"]}
-    assert states == {"load": "done", "fused": "done", "onnx": "done", "trt_fp16": "skipped", "trt_int8": "skipped", "check": "done"}
+    assert states == {"load": "done", "fused": "done", "onnx": "done", "trt_fp16": "skipped", "trt_int8": "skipped", "check": "done", "bench": "done"}

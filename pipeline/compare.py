@@ -1,0 +1,193 @@
+"""Compare two run records: which stages changed, and which variants regressed.
+
+Built only from run records (DESIGN.md "Contracts scripts rely on") and the artifact manifests
+they point to; no model is loaded. Stages and variants are matched by name, so two runs of
+different recipes can be compared. Accuracy comes from ``validate`` stages, latency (batch 1
+median) from ``benchmark`` stages.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from pipeline.report import format_bytes
+
+LATENCY_BATCH = "1"
+
+
+def _manifest_params(stage: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``params`` of a stage's artifact manifest, or ``{}`` when the folder or manifest is missing."""
+    if not stage or not stage.get("artifact"):
+        return {}
+    manifest = Path(stage["artifact"]) / "manifest.json"
+    try:
+        return dict(json.loads(manifest.read_text()).get("params") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _stages_by_name(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {stage["name"]: stage for stage in record.get("stages", [])}
+
+
+def _compare_stage(name: str, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+    key_a, key_b = (a or {}).get("key"), (b or {}).get("key")
+    params_a, params_b = _manifest_params(a), _manifest_params(b)
+    changed = {
+        param: [params_a.get(param), params_b.get(param)]
+        for param in sorted(set(params_a) | set(params_b))
+        if params_a.get(param) != params_b.get(param)
+    }
+    return {
+        "name": name,
+        "uses_a": (a or {}).get("uses"),
+        "uses_b": (b or {}).get("uses"),
+        "state_a": (a or {}).get("state"),
+        "state_b": (b or {}).get("state"),
+        # Keys are content-addressed: equal keys mean the same artifact.
+        "same_artifact": bool(a and b and a.get("artifact") and b.get("artifact") and key_a and key_a == key_b),
+        "params_changed": changed,
+    }
+
+
+def _validated(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Validate metrics per variant (first ``validate`` stage that mentions it wins)."""
+    found: dict[str, dict[str, Any]] = {}
+    for stage in record.get("stages", []):
+        if stage.get("uses") == "validate" and stage.get("metrics"):
+            for name, values in stage["metrics"].get("variants", {}).items():
+                found.setdefault(name, values)
+    return found
+
+
+def _latencies(record: dict[str, Any]) -> dict[str, float]:
+    """Batch-1 p50 latency (ms) per variant from ``benchmark`` stages (baseline included)."""
+    found: dict[str, float] = {}
+    for stage in record.get("stages", []):
+        if stage.get("uses") != "benchmark" or not stage.get("metrics"):
+            continue
+        metrics = stage["metrics"]
+        entries = dict(metrics.get("variants", {}))
+        if metrics.get("baseline_stage") and metrics.get("baseline"):
+            entries.setdefault(metrics["baseline_stage"], metrics["baseline"])
+        for name, values in entries.items():
+            p50 = ((values or {}).get("batches") or {}).get(LATENCY_BATCH, {}).get("p50_ms")
+            if p50 is not None:
+                found.setdefault(name, float(p50))
+    return found
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return b / a if a and b is not None else None
+
+
+def compare_runs(
+    record_a: dict[str, Any],
+    record_b: dict[str, Any],
+    max_accuracy_drop: float = 0.0,
+    max_latency_increase: float | None = None,
+) -> dict[str, Any]:
+    """Compare run A (reference) with run B; returns a JSON-serializable dict.
+
+    Keys: ``runs`` (id and recipe name of each), ``stages`` (matched by name), ``variants`` (from
+    validate / benchmark metrics) and ``regressions`` (one line each). A variant regresses when its
+    top-1 dropped by more than ``max_accuracy_drop`` (fraction), its batch-1 latency grew by more
+    than ``max_latency_increase`` (fraction; only when both are known and the limit is set), or it
+    was accepted in A and rejected in B.
+    """
+    stages_a, stages_b = _stages_by_name(record_a), _stages_by_name(record_b)
+    names = list(stages_a) + [name for name in stages_b if name not in stages_a]
+    stages = [_compare_stage(name, stages_a.get(name), stages_b.get(name)) for name in names]
+
+    valid_a, valid_b = _validated(record_a), _validated(record_b)
+    lat_a, lat_b = _latencies(record_a), _latencies(record_b)
+    variant_names = list(valid_a) + [name for name in valid_b if name not in valid_a]
+    variants, regressions = [], []
+    for name in variant_names:
+        va, vb = valid_a.get(name, {}), valid_b.get(name, {})
+        top1_a, top1_b = va.get("top1"), vb.get("top1")
+        latency_a, latency_b = lat_a.get(name), lat_b.get(name)
+        reasons: list[str] = []
+        if top1_a is not None and top1_b is not None and top1_a - top1_b > max_accuracy_drop + 1e-12:
+            reasons.append(
+                f"top-1 dropped {(top1_a - top1_b) * 100:.2f} points ({top1_a:.2%} -> {top1_b:.2%}), "
+                f"allowed {max_accuracy_drop * 100:.2f}"
+            )
+        if max_latency_increase is not None and latency_a and latency_b is not None:
+            growth = latency_b / latency_a - 1
+            if growth > max_latency_increase:
+                reasons.append(
+                    f"latency grew {growth:+.1%} ({latency_a:.3f} ms -> {latency_b:.3f} ms), "
+                    f"allowed +{max_latency_increase:.1%}"
+                )
+        if va.get("status") == "accepted" and vb.get("status") == "rejected":
+            reasons.append("accepted in A, rejected in B")
+        regressions += [f"{name}: {reason}" for reason in reasons]
+        variants.append({
+            "variant": name,
+            "top1_a": top1_a,
+            "top1_b": top1_b,
+            "delta_top1": top1_b - top1_a if top1_a is not None and top1_b is not None else None,
+            "agreement_a": va.get("agreement"),
+            "agreement_b": vb.get("agreement"),
+            "status_a": va.get("status"),
+            "status_b": vb.get("status"),
+            "size_a": va.get("size_bytes"),
+            "size_b": vb.get("size_bytes"),
+            "size_ratio": _ratio(va.get("size_bytes"), vb.get("size_bytes")),
+            "latency_ms_a": latency_a,
+            "latency_ms_b": latency_b,
+            "latency_ratio": _ratio(latency_a, latency_b),
+            "regression": reasons,
+        })
+
+    def _run(record: dict[str, Any]) -> dict[str, Any]:
+        return {"run_id": record.get("run_id"), "recipe": (record.get("recipe") or {}).get("name")}
+
+    return {"runs": {"a": _run(record_a), "b": _run(record_b)}, "stages": stages,
+            "variants": variants, "regressions": regressions}
+
+
+def _pair(a: Any, b: Any, fmt=str) -> str:
+    show = lambda value: "-" if value is None else fmt(value)  # noqa: E731
+    return show(a) if a == b else f"{show(a)} → {show(b)}"
+
+
+def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
+    """A stages table and a variants table for a ``compare_runs`` result; regressions are red."""
+    runs = comparison["runs"]
+    title = f"{runs['a']['run_id']} ({runs['a']['recipe']}) → {runs['b']['run_id']} ({runs['b']['recipe']})"
+    stages = Table(title=f"stages · {title}")
+    for header in ("stage", "uses", "state A → B", "identical", "changed params"):
+        stages.add_column(header, overflow="fold")
+    for stage in comparison["stages"]:
+        changed = ", ".join(f"{key}: {a!r} → {b!r}" for key, (a, b) in stage["params_changed"].items())
+        stages.add_row(
+            stage["name"], _pair(stage["uses_a"], stage["uses_b"]),
+            f"{stage['state_a'] or '-'} → {stage['state_b'] or '-'}",
+            "[green]yes[/]" if stage["same_artifact"] else "[yellow]no[/]", changed or "-",
+        )
+
+    variants = Table(title=f"variants · {title}")
+    headers = ("variant", "top-1 A", "top-1 B", "Δ top-1", "agreement", "size A → B", "p50 ms @1 A → B", "regression")
+    for header in headers:
+        variants.add_column(header, justify="left" if header in ("variant", "regression") else "right", overflow="fold")
+    pct = lambda value: f"{value:.2%}"  # noqa: E731
+    for row in comparison["variants"]:
+        delta = row["delta_top1"]
+        variants.add_row(
+            row["variant"],
+            "-" if row["top1_a"] is None else pct(row["top1_a"]),
+            "-" if row["top1_b"] is None else pct(row["top1_b"]),
+            "-" if delta is None else f"{delta * 100:+.2f} pt",
+            _pair(row["agreement_a"], row["agreement_b"], pct),
+            _pair(row["size_a"], row["size_b"], format_bytes),
+            _pair(row["latency_ms_a"], row["latency_ms_b"], lambda value: f"{value:.3f}"),
+            "REGRESSION: " + "; ".join(row["regression"]) if row["regression"] else "ok",
+            style="red" if row["regression"] else None,
+        )
+    return [stages, variants]

@@ -1,0 +1,55 @@
+"""The benchmark stage: figures per batch size, ratios to the baseline timed in the same run, and it runs alone."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pipeline.data import build_data
+from pipeline.models import save_torch_module
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.stage import StageContext
+from pipeline.zoo import digits_cnn
+from stages import benchmark
+from tests.conftest import REPO_ROOT
+
+RECIPE = Recipe.model_validate({
+    "name": "t",
+    "model": {"factory": "pipeline.zoo:digits_cnn", "input_shape": [1, 1, 8, 8]},
+    "stages": {"load": {"uses": "load_checkpoint"}},
+})
+
+
+def test_benchmark_times_each_batch_size_against_the_baseline(tmp_path):
+    data = build_data(RECIPE.data, [1, 1, 8, 8])
+    handles = []
+    for name, width in (("baseline", 32), ("narrow", 8)):
+        (tmp_path / name).mkdir()
+        handles.append(save_torch_module(digits_cnn(width=width).eval(), tmp_path / name))
+    (tmp_path / "work").mkdir()
+    context = StageContext(
+        name="bench", workdir=tmp_path / "work", recipe=RECIPE, checkpoint_path=None, load_data=lambda: data,
+        input_names=["narrow"], baseline=handles[0], baseline_name="load",
+    )
+    output = benchmark.run(context, handles[1:], benchmark.Params(batch_sizes=[1, 4], warmup=1, iterations=5))
+    metrics = output.metrics
+    assert metrics["baseline"]["speedup_vs_baseline"] == {"1": 1.0, "4": 1.0}
+    narrow = metrics["variants"]["narrow"]
+    assert set(narrow["batches"]) == {"1", "4"}
+    for figures in narrow["batches"].values():
+        assert 0 < figures["p50_ms"] <= figures["p95_ms"] and figures["throughput_per_s"] > 0
+    expected = metrics["baseline"]["batches"]["4"]["p50_ms"] / narrow["batches"]["4"]["p50_ms"]
+    assert narrow["speedup_vs_baseline"]["4"] == pytest.approx(expected)
+    assert narrow["size_ratio_vs_baseline"] < 0.2 and narrow["peak_rss_bytes"] > 0
+    assert output.product.path.is_file()
+
+
+def test_batch_sizes_must_be_positive():
+    with pytest.raises(ValidationError, match="at least 1"):
+        benchmark.Params(batch_sizes=[0])
+
+
+def test_benchmark_waits_for_every_other_stage():
+    plan = load_recipe(REPO_ROOT / "recipes" / "demo.yaml")
+    assert set(plan.waits_for("bench")) == set(plan.order) - {"bench"}
+    assert "bench" not in plan.waits_for("check")
