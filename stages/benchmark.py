@@ -24,7 +24,7 @@ from pipeline.stage import StageContext, StageOutput, StageParams
 takes = ("torch", "onnx", "engine")
 inputs = "many"
 makes = "report"
-version = 1
+version = 2
 # Timings are only meaningful with nothing else running: the plan starts this stage after all others.
 runs_alone = True
 
@@ -34,8 +34,11 @@ RUNTIMES = {"torch": "torch eager (CPU)", "onnx": "onnxruntime (CPU)", "engine":
 
 class Params(StageParams):
     batch_sizes: list[int] = Field(default=[1, 32], min_length=1, description="batch sizes to time")
-    warmup: int = Field(default=5, ge=0, description="untimed runs before timing each batch size")
-    iterations: int = Field(default=30, ge=3, description="timed runs per batch size (median and p95 over them)")
+    warmup: int = Field(default=10, ge=0, description="untimed runs before timing each batch size")
+    iterations: int = Field(default=20, ge=3, description="fewest timed runs per batch size (median and p95 over them)")
+    min_seconds: float = Field(
+        default=1.0, ge=0, description="keep timing each batch size until this much time is spent too (steadies sub-ms models)"
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -54,13 +57,14 @@ def time_runner(runner: Runner, batch: np.ndarray, params: Params) -> dict[str, 
     """Median and p95 latency (ms) and throughput (samples/s) of ``runner`` on one batch."""
     for _ in range(params.warmup):
         runner.predict(batch)
-    seconds = []
-    for _ in range(params.iterations):
+    seconds: list[float] = []
+    while len(seconds) < params.iterations or sum(seconds) < params.min_seconds:
         started = time.perf_counter()
         runner.predict(batch)
         seconds.append(time.perf_counter() - started)
     median = statistics.median(seconds)
     return {
+        "runs": len(seconds),
         "p50_ms": median * 1e3,
         "p95_ms": float(np.percentile(seconds, 95)) * 1e3,
         "throughput_per_s": len(batch) / median,
@@ -99,7 +103,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "baseline_stage": ctx.baseline_name,
         "threads": torch.get_num_threads(),
         "warmup": params.warmup,
-        "iterations": params.iterations,
+        "min_iterations": params.iterations,
+        "min_seconds": params.min_seconds,
         "baseline": with_ratios(baseline, baseline),
         "variants": variants,
     }

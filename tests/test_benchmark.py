@@ -31,12 +31,13 @@ def test_benchmark_times_each_batch_size_against_the_baseline(tmp_path):
         name="bench", workdir=tmp_path / "work", recipe=RECIPE, checkpoint_path=None, load_data=lambda: data,
         input_names=["narrow"], baseline=handles[0], baseline_name="load",
     )
-    output = benchmark.run(context, handles[1:], benchmark.Params(batch_sizes=[1, 4], warmup=1, iterations=5))
+    output = benchmark.run(context, handles[1:], benchmark.Params(batch_sizes=[1, 4], warmup=1, iterations=5, min_seconds=0.05))
     metrics = output.metrics
     assert metrics["baseline"]["speedup_vs_baseline"] == {"1": 1.0, "4": 1.0}
     narrow = metrics["variants"]["narrow"]
     assert set(narrow["batches"]) == {"1", "4"}
     for figures in narrow["batches"].values():
+        assert figures["runs"] >= 5 and figures["runs"] * figures["p50_ms"] / 1e3 > 0.02
         assert 0 < figures["p50_ms"] <= figures["p95_ms"] and figures["throughput_per_s"] > 0
     expected = metrics["baseline"]["batches"]["4"]["p50_ms"] / narrow["batches"]["4"]["p50_ms"]
     assert narrow["speedup_vs_baseline"]["4"] == pytest.approx(expected)
