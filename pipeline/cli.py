@@ -145,6 +145,22 @@ def command_diff(args: argparse.Namespace) -> int:
     return EXIT_REJECTED if comparison["regressions"] else 0
 
 
+def command_gc(args: argparse.Namespace) -> int:
+    """optipipe gc --keep N"""
+    from pipeline.gc import collect
+    from pipeline.report import format_bytes
+
+    if args.keep < 0:
+        raise OptipipeError(f"--keep {args.keep}: give how many of the newest runs to keep (0 or more)")
+    report = collect(_store(args), args.keep)
+    console.print(
+        f"removed {len(report.removed_artifacts)} artifacts and {len(report.removed_work_folders)} unfinished work "
+        f"folders ({format_bytes(report.freed_bytes)}); kept {report.kept_artifacts} artifacts referenced by the "
+        f"newest {args.keep} runs or a running run"
+    )
+    return 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     """optipipe demo: train the digits baseline, then run recipes/demo.yaml on it."""
     from pipeline.demo import DEMO_RECIPE, train_demo_checkpoint
@@ -190,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--max-accuracy-drop", type=float, default=0.0, help="top-1 drop (fraction) flagged as a regression")
     diff.add_argument("--max-latency-increase", type=float, default=None, help="latency growth (fraction) flagged as a regression")
     diff.add_argument("--json", action="store_true")
+    gc = add("gc", command_gc, "remove artifacts that neither the newest N runs nor a running run reference")
+    gc.add_argument("--keep", type=int, default=10, help="how many of the newest runs keep their artifacts (default 10)")
     demo = add("demo", command_demo, "train the digits baseline and run recipes/demo.yaml on it")
     demo.add_argument("--out", default="demo-out", help="folder for the demo checkpoint")
     demo.add_argument("--epochs", type=int, default=15)

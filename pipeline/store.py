@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,25 @@ def write_json_atomic(path: Path, value: Any) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def with_observed_state(record: dict[str, Any]) -> dict[str, Any]:
+    """A run record whose ``running`` state is shown as ``crashed`` when its process on this host is gone."""
+    if record.get("state") == "running" and record.get("host") == socket.gethostname() and record.get("pid"):
+        if not process_alive(int(record["pid"])):
+            return {**record, "state": "crashed", "message": record.get("message") or f"process {record['pid']} ended without finishing the run"}
+    return record
 
 
 @dataclass(frozen=True)
@@ -118,7 +138,8 @@ class ArtifactStore:
     def new_workdir(self, label: str) -> Path:
         """A fresh private folder for a stage to write into before publishing."""
         self.ensure_writable()
-        return Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"{label}-"))
+        # the pid in the name lets gc tell a crashed run's leftovers from work in progress
+        return Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"{label}-{os.getpid()}-"))
 
     @staticmethod
     def discard(workdir: Path) -> None:
@@ -210,9 +231,9 @@ class ArtifactStore:
         write_json_atomic(self.run_path(record["run_id"]), record)
 
     def read_run(self, run_id: str) -> dict[str, Any]:
-        """The run record of ``run_id``."""
+        """The run record of ``run_id`` (``crashed`` if it says running but its process is gone)."""
         try:
-            return json.loads(self.run_path(run_id).read_text())
+            return with_observed_state(json.loads(self.run_path(run_id).read_text()))
         except FileNotFoundError:
             raise StoreError(f"no run '{run_id}' in store {self.root}; 'optipipe runs' lists them") from None
 
@@ -223,7 +244,7 @@ class ArtifactStore:
         records = []
         for path in self.runs_dir.glob("*.json"):
             try:
-                records.append(json.loads(path.read_text()))
+                records.append(with_observed_state(json.loads(path.read_text())))
             except (OSError, json.JSONDecodeError):
                 continue  # a record being replaced right now; the next listing shows it
         return sorted(records, key=lambda record: (record.get("started_at", ""), record["run_id"]), reverse=True)
