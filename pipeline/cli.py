@@ -43,14 +43,11 @@ def _print_json(value: Any) -> None:
 def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides: list[str]) -> dict[str, Any]:
     """Check inputs fast (no Prefect start-up for a typo), run the ``optimize`` flow, return the run record."""
     from pipeline.recipe import load_recipe
-    from pipeline.session import new_run_id
+    from pipeline.session import check_checkpoint_file, new_run_id
     from pipeline.store import ArtifactStore
 
     load_recipe(recipe_path, overrides)
-    if not Path(checkpoint_path).is_file():
-        from pipeline.errors import CheckpointError
-
-        raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
+    check_checkpoint_file(Path(checkpoint_path))
     ArtifactStore(store_root).ensure_writable()
     from flows import optimize
 

@@ -46,6 +46,16 @@ class DataBundle:
         return torch.from_numpy(self.eval_arrays[0][:8])
 
 
+def check_input_shape(data: DataBundle, input_shape: list[int]) -> None:
+    """Refuse data whose examples are not shaped like ``model.input_shape`` (batch dimension aside)."""
+    example_shape = list(data.eval_arrays[0].shape[1:])
+    if example_shape != list(input_shape[1:]):
+        raise DataError(
+            f"the data's examples have shape {example_shape} but model.input_shape {list(input_shape)} expects "
+            f"{list(input_shape[1:])} per example; fix the data source or model.input_shape"
+        )
+
+
 def split_batch(batch: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Unpack an ``(inputs, labels)`` batch, or say what the loader yields instead."""
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:

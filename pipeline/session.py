@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.data import DataBundle, build_data, data_identity
+from pipeline.data import DataBundle, build_data, check_input_shape, data_identity
 from pipeline.errors import CheckpointError, OptipipeError, StageError, StageUnavailable
 from pipeline.imports import module_source_digest
 from pipeline.measure import PeakRSS, library_versions
@@ -35,6 +35,14 @@ def utc_now() -> str:
 def new_run_id() -> str:
     """Sortable, unique run id: ``YYYYMMDD-HHMMSS-<6 hex>``."""
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def check_checkpoint_file(checkpoint_path: Path) -> None:
+    """Raise ``CheckpointError`` unless ``checkpoint_path`` is an existing file."""
+    if not checkpoint_path.exists():
+        raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
+    if not checkpoint_path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint_path} is a folder; give the checkpoint file inside it")
 
 
 @dataclass
@@ -96,10 +104,7 @@ class RunSession:
         self._started = time.perf_counter()
 
     def _checkpoint_digest(self) -> str:
-        if not self.checkpoint_path.exists():
-            raise CheckpointError(f"checkpoint not found: {self.checkpoint_path}")
-        if not self.checkpoint_path.is_file():
-            raise CheckpointError(f"checkpoint {self.checkpoint_path} is a folder; give the checkpoint file")
+        check_checkpoint_file(self.checkpoint_path)
         return sha256_file(self.checkpoint_path)
 
     def start(self) -> None:
@@ -111,7 +116,9 @@ class RunSession:
         """The recipe's data, built once and shared by every stage of the run."""
         with self._data_lock:
             if self._data is None:
-                self._data = build_data(self.plan.recipe.data, self.plan.recipe.model.input_shape)
+                data = build_data(self.plan.recipe.data, self.plan.recipe.model.input_shape)
+                check_input_shape(data, self.plan.recipe.model.input_shape)
+                self._data = data
             return self._data
 
     def cache_payload(self, name: str) -> dict[str, Any]:

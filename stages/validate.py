@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from pydantic import Field
 
+from pipeline.errors import DataError
 from pipeline.evaluate import compare_logits, predict_all
 from pipeline.models import ModelHandle, ReportFile, runner_for
 from pipeline.stage import StageContext, StageOutput, StageParams
@@ -38,10 +41,20 @@ def _verdict(metrics: dict, params: Params) -> str | None:
     return None
 
 
+def check_labels(labels: np.ndarray, num_classes: int) -> None:
+    """Refuse eval labels outside the model's classes: top-1 against them would silently read 0%."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"eval labels range from {labels.min()} to {labels.max()} but the model predicts {num_classes} classes "
+            f"(0..{num_classes - 1}); fix the data's labels or the model's number of classes"
+        )
+
+
 def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
     """Predict the eval split with the baseline and every input variant, and compare them."""
     eval_inputs, labels = ctx.data.eval_arrays
     baseline_logits = predict_all(runner_for(ctx.baseline), eval_inputs, description=f"validate {ctx.baseline_name}")
+    check_labels(labels, baseline_logits.shape[1])
     baseline = compare_logits(baseline_logits, baseline_logits, labels)
     baseline.update(kind=ctx.baseline.kind, size_bytes=ctx.baseline.size_bytes)
     variants, rejected = {}, {}

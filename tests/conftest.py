@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["OPTIPIPE_QUIET"] = "1"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Prefect's console log handler can keep a stream that an earlier test's capture closed; its failed writes
+# then show up in a later test's stderr as "--- Logging error ---" blocks ending with an "Arguments:" line.
+PREFECT_LOGGING_ERROR = re.compile(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", re.DOTALL)
+
+
+def optipipe_stderr(stderr: str) -> str:
+    """Captured stderr without Prefect's own logging-error blocks, so assertions read optipipe's output."""
+    return PREFECT_LOGGING_ERROR.sub("", stderr)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pipeline.cli import main, run_flow
 from pipeline.demo import DEMO_RECIPE
 from pipeline.report import variant_rows
 from pipeline.store import ArtifactStore
+from tests.conftest import optipipe_stderr
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -85,7 +86,7 @@ def test_failed_stage_fails_the_run_and_skips_downstream(demo_checkpoint, write_
     store_root = tmp_path / "store"
     code = main(["run", str(recipe), "--checkpoint", str(demo_checkpoint), "--store", str(store_root)])
     assert code == 2
-    err = capsys.readouterr().err
+    err = optipipe_stderr(capsys.readouterr().err)
     assert "load:" in err and "mis-shaped" in err and "Traceback" not in err
     record = ArtifactStore(store_root).resolve_run("latest")
     assert record["state"] == "failed"
