@@ -6,6 +6,7 @@ tests call it directly. Thread-safe, because independent branches run concurrent
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import secrets
@@ -214,15 +215,22 @@ class RunSession:
             return self.skip(name, str(unavailable))
         except BaseException as error:
             self.store.discard(workdir)
-            failure = error if isinstance(error, OptipipeError) else StageError(
-                f"stage '{name}' ({spec.uses}) failed: {type(error).__name__}: {error}"
-            )
+            failure = error if isinstance(error, OptipipeError) else self._explain(name, spec.uses, error)
             self._finish_stage(StageResult(name, spec.uses, "failed", round(time.perf_counter() - started, 4), key, reason=str(failure)))
             if failure is error:
                 raise
             raise failure from error
         result = StageResult(name, spec.uses, "done", round(seconds, 4), key, str(artifact.path), output.metrics)
         return self._finish_stage(result, artifact)
+
+    def _explain(self, name: str, uses: str, error: BaseException) -> StageError:
+        """One line for an unexpected exception inside a stage, with the fix where one is known."""
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return StageError(
+                f"stage '{name}' ({uses}): no space left on the device holding the store {self.store.root}; "
+                "free some space (optipipe gc) or pass --store on a larger disk"
+            )
+        return StageError(f"stage '{name}' ({uses}) failed: {type(error).__name__}: {error}")
 
     @staticmethod
     def _model_file(output: StageOutput, workdir: Path) -> str:
