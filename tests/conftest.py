@@ -23,6 +23,51 @@ def optipipe_stderr(stderr: str) -> str:
     return PREFECT_LOGGING_ERROR.sub("", stderr)
 
 
+DIGITS_INPUT_SHAPE = [1, 1, 8, 8]
+
+
+def one_stage_recipe(factory: str = "pipeline.zoo:digits_cnn", input_shape: list[int] = DIGITS_INPUT_SHAPE):
+    """The smallest valid recipe around a model factory: what a stage tested on its own needs as ``ctx.recipe``."""
+    from pipeline.recipe import Recipe
+
+    return Recipe.model_validate({
+        "name": "t",
+        "model": {"factory": factory, "input_shape": list(input_shape)},
+        "stages": {"load": {"uses": "load_checkpoint"}},
+    })
+
+
+def as_input(model, folder: Path):
+    """``model`` saved as an upstream stage would have saved it, in a fresh folder under ``folder``."""
+    import tempfile
+
+    from pipeline.models import save_torch_module
+
+    return save_torch_module(model.eval(), Path(tempfile.mkdtemp(dir=folder)))
+
+
+@pytest.fixture(scope="session")
+def data():
+    """scikit-learn digits as the default recipe builds them, shared by every stage test."""
+    from pipeline.data import build_data
+
+    return build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)
+
+
+@pytest.fixture
+def context(tmp_path: Path, data):
+    """A factory of StageContexts on the digits recipe, each with a fresh, empty workdir."""
+    from pipeline.stage import StageContext
+
+    def make(name: str, **overrides) -> StageContext:
+        workdir = tmp_path / f"work-{name}"
+        workdir.mkdir()
+        fields = {"recipe": one_stage_recipe(), "checkpoint_path": None, "load_data": lambda: data} | overrides
+        return StageContext(name=name, workdir=workdir, **fields)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     """One temporary Prefect server (SQLite in a temporary PREFECT_HOME) for every flow test."""

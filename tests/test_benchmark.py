@@ -7,17 +7,13 @@ from pydantic import ValidationError
 
 from pipeline.data import build_data
 from pipeline.models import save_torch_module
-from pipeline.recipe import Recipe, load_recipe
+from pipeline.recipe import load_recipe
 from pipeline.stage import StageContext
 from pipeline.zoo import digits_cnn
 from stages import benchmark
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, one_stage_recipe
 
-RECIPE = Recipe.model_validate({
-    "name": "t",
-    "model": {"factory": "pipeline.zoo:digits_cnn", "input_shape": [1, 1, 8, 8]},
-    "stages": {"load": {"uses": "load_checkpoint"}},
-})
+RECIPE = one_stage_recipe()
 
 
 def test_benchmark_times_each_batch_size_against_the_baseline(tmp_path):

@@ -8,16 +8,12 @@ import numpy as np
 
 from pipeline.data import build_data
 from pipeline.models import TorchRunner, save_torch_module
-from pipeline.recipe import Recipe
 from pipeline.stage import StageContext
 from pipeline.zoo import resnet_small
+from tests.conftest import one_stage_recipe
 from stages import fuse_conv_bn
 
-RECIPE = Recipe.model_validate({
-    "name": "t",
-    "model": {"factory": "pipeline.zoo:resnet_small", "input_shape": [1, 1, 8, 8]},
-    "stages": {"load": {"uses": "load_checkpoint"}},
-})
+RECIPE = one_stage_recipe("pipeline.zoo:resnet_small")
 
 
 def test_fx_fusion_in_one_thread_while_another_runs_forwards(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,14 @@ import pytest
 import torch
 from torch import fx, nn
 
-from pipeline.data import DataBundle, build_data
+from pipeline.data import DataBundle
 from pipeline.errors import StageError
-from pipeline.models import ONNX_FILE, OnnxRunner, TorchModel, save_torch_module
-from pipeline.recipe import Recipe
-from pipeline.stage import StageContext
+from pipeline.models import ONNX_FILE, OnnxRunner, TorchModel
 from pipeline.zoo import digits_cnn, mlp, resnet_small
+from tests.conftest import DIGITS_INPUT_SHAPE, as_input
 from stages import export_onnx, fuse_conv_bn
 
-INPUT_SHAPE = [1, 1, 8, 8]
-RECIPE = Recipe.model_validate({
-    "name": "t",
-    "model": {"factory": "pipeline.zoo:digits_cnn", "input_shape": INPUT_SHAPE},
-    "stages": {"load": {"uses": "load_checkpoint"}},
-})
+INPUT_SHAPE = DIGITS_INPUT_SHAPE
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # torch 2.13's exporter trips its own pytree deprecation (copyreg.py:105); nothing this project can change.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning")
@@ -68,29 +61,6 @@ class SingularValues(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.svdvals(x[:, 0])
-
-
-@pytest.fixture(scope="module")
-def data() -> DataBundle:
-    """The recipe's digits data, built once for the module."""
-    return build_data(RECIPE.data, INPUT_SHAPE)
-
-
-@pytest.fixture
-def context(tmp_path: Path, data: DataBundle):
-    """A factory of StageContexts, each with a fresh, empty workdir."""
-
-    def make(name: str) -> StageContext:
-        workdir = tmp_path / f"work-{name}"
-        workdir.mkdir()
-        return StageContext(name=name, workdir=workdir, recipe=RECIPE, checkpoint_path=None, load_data=lambda: data)
-
-    return make
-
-
-def as_input(model: nn.Module, tmp_path: Path) -> TorchModel:
-    """The model saved as an upstream stage would have saved it."""
-    return save_torch_module(model.eval(), Path(tempfile.mkdtemp(dir=tmp_path)))
 
 
 def with_batchnorm_statistics(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,46 +21,16 @@ from pydantic import ValidationError
 from torch import nn
 
 from pipeline import gpu
-from pipeline.data import DataBundle, build_data
+from pipeline.data import DataBundle
 from pipeline.errors import StageError, StageUnavailable
-from pipeline.models import OnnxModel, TorchModel, save_torch_module
-from pipeline.recipe import Recipe
-from pipeline.stage import StageContext
+from pipeline.models import OnnxModel
 from pipeline.train import train_classifier
 from pipeline.zoo import digits_cnn, resnet_small
+from tests.conftest import DIGITS_INPUT_SHAPE, REPO_ROOT, as_input
 from stages import export_onnx, precision, tensorrt
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-INPUT_SHAPE = [1, 1, 8, 8]
-RECIPE = Recipe.model_validate({
-    "name": "t",
-    "model": {"factory": "pipeline.zoo:digits_cnn", "input_shape": INPUT_SHAPE},
-    "stages": {"load": {"uses": "load_checkpoint"}},
-})
+INPUT_SHAPE = DIGITS_INPUT_SHAPE
 pytestmark = pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning")
-
-
-@pytest.fixture(scope="module")
-def data() -> DataBundle:
-    """The recipe's digits data, built once for the module."""
-    return build_data(RECIPE.data, INPUT_SHAPE)
-
-
-@pytest.fixture
-def context(tmp_path: Path, data: DataBundle):
-    """A factory of StageContexts, each with a fresh, empty workdir."""
-
-    def make(name: str) -> StageContext:
-        workdir = tmp_path / f"work-{name}"
-        workdir.mkdir()
-        return StageContext(name=name, workdir=workdir, recipe=RECIPE, checkpoint_path=None, load_data=lambda: data)
-
-    return make
-
-
-def as_input(model: nn.Module, tmp_path: Path) -> TorchModel:
-    """The model saved as an upstream stage would have saved it."""
-    return save_torch_module(model.eval(), Path(tempfile.mkdtemp(dir=tmp_path)))
 
 
 def first_reason(*checks) -> str | None:

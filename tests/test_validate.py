@@ -10,17 +10,13 @@ import torch
 from pipeline.data import build_data
 from pipeline.evaluate import compare_logits
 from pipeline.models import save_torch_module
-from pipeline.recipe import Recipe
 from pipeline.stage import StageContext
 from pipeline.zoo import digits_cnn
 from pipeline.train import train_classifier
+from tests.conftest import one_stage_recipe
 from stages import validate
 
-RECIPE = Recipe.model_validate({
-    "name": "t",
-    "model": {"factory": "pipeline.zoo:digits_cnn", "input_shape": [1, 1, 8, 8]},
-    "stages": {"load": {"uses": "load_checkpoint"}},
-})
+RECIPE = one_stage_recipe()
 
 
 def test_compare_logits_counts_agreement_and_class_deltas():
