@@ -100,12 +100,18 @@ class Plan:
         """Upstream stages whose outputs are ``name``'s inputs."""
         return self.recipe.stages[name].needs
 
+    def uses_baseline(self, name: str) -> bool:
+        """True when stage ``name`` is handed the FP32 baseline besides its inputs (``ctx.baseline``): stages
+        that compare with it (``inputs == "many"``) or declare ``uses_baseline = True`` (distillation's teacher)."""
+        module = load_stage(self.recipe.stages[name].uses)
+        return name != self.baseline and getattr(module, "uses_baseline", module.inputs == "many")
+
     def waits_for(self, name: str) -> list[str]:
         """Upstream stages ``name`` must wait for: its needs, the baseline for stages that compare with it,
         and, for stages that time things (``runs_alone``), every other stage, so no concurrent work skews them."""
         module = load_stage(self.recipe.stages[name].uses)
         upstream = list(self.needs_of(name))
-        if name != self.baseline and self.baseline not in upstream and module.inputs == "many":
+        if self.uses_baseline(name) and self.baseline not in upstream:
             upstream.append(self.baseline)
         if getattr(module, "runs_alone", False):
             upstream += [

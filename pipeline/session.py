@@ -138,7 +138,7 @@ class RunSession:
         }
         if module.inputs == "none":
             payload["checkpoint_sha256"] = self.checkpoint_sha256
-        if self._compares_with_baseline(name):
+        if self.plan.uses_baseline(name):
             payload["baseline"] = self.artifacts[self.plan.baseline].digest
         return payload
 
@@ -154,9 +154,6 @@ class RunSession:
         if load_stage(self.plan.recipe.stages[name].uses).inputs == "many" and self.available_inputs(name):
             return None
         return self.results[skipped[0]].reason
-
-    def _compares_with_baseline(self, name: str) -> bool:
-        return name != self.plan.baseline and load_stage(self.plan.recipe.stages[name].uses).inputs == "many"
 
     def handle_of(self, artifact: Artifact) -> ModelHandle:
         """The model handle of a stored artifact, after re-checking its file digests."""
@@ -188,7 +185,7 @@ class RunSession:
                 checkpoint_path=self.checkpoint_path,
                 load_data=self.data,
                 input_names=inputs_used,
-                baseline=self.handle_of(self.artifacts[self.plan.baseline]) if self._compares_with_baseline(name) else None,
+                baseline=self.handle_of(self.artifacts[self.plan.baseline]) if self.plan.uses_baseline(name) else None,
                 baseline_name=self.plan.baseline,
             )
             inputs = [self.handle_of(self.artifacts[upstream]) for upstream in inputs_used]
