@@ -8,6 +8,7 @@ run's variant metrics are published as a Prefect table artifact.
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -16,7 +17,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_table_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
@@ -24,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 from pipeline.errors import OptipipeError  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.report import variant_rows  # noqa: E402
+from pipeline.report_page import markdown_summary  # noqa: E402
 from pipeline.session import RunSession  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 
@@ -61,14 +63,26 @@ def _first_unfinished_upstream(session: RunSession, name: str) -> str:
     return "an upstream stage"
 
 
-def _publish_table(record: dict[str, Any]) -> None:
+def _artifact_key(record: dict[str, Any], suffix: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for this run's recipe."""
+    recipe = re.sub(r"[^a-z0-9-]+", "-", record["recipe"]["name"].lower()).strip("-") or "recipe"
+    return f"optipipe-{recipe}-{suffix}"
+
+
+def _publish_artifacts(record: dict[str, Any]) -> None:
+    """Show the run in the Prefect UI: a table of variant metrics and a markdown summary with the Pareto front."""
     rows = variant_rows(record)
     if rows:
         create_table_artifact(
-            key=f"optipipe-{record['recipe']['name'].lower().replace('_', '-')}",
+            key=_artifact_key(record, "variants"),
             table=rows,
             description=f"optipipe run {record['run_id']}: variants vs the FP32 baseline",
         )
+    create_markdown_artifact(
+        key=_artifact_key(record, "summary"),
+        markdown=markdown_summary(record),
+        description=f"optipipe run {record['run_id']}: summary (full page: optipipe report {record['run_id']})",
+    )
 
 
 @flow(name="optimize", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_STAGES))
@@ -92,7 +106,7 @@ def optimize(
         if name not in session.results:
             session.skip(name, f"not run: upstream stage '{_first_unfinished_upstream(session, name)}' did not finish")
     record = session.finish()
-    _publish_table(record)
+    _publish_artifacts(record)
     if record["state"] != "succeeded":
         return Failed(message=record["message"] or "some stages did not finish", data=record)
     return record

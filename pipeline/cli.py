@@ -142,6 +142,39 @@ def command_diff(args: argparse.Namespace) -> int:
     return EXIT_REJECTED if comparison["regressions"] else 0
 
 
+def write_report(record: dict[str, Any], html_path: str | None, md_path: str | None) -> list[str]:
+    """Write the run's HTML and/or Markdown report (``-`` prints Markdown to stdout); returns the files written."""
+    from pipeline.report_page import html_report, markdown_report
+
+    written = []
+    for path, render in ((html_path, html_report), (md_path, markdown_report)):
+        if path is None:
+            continue
+        text = render(record)
+        if path == "-":
+            print(text, end="")
+            continue
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(target)  # a reader never sees half a report
+        written.append(str(target))
+    return written
+
+
+def command_report(args: argparse.Namespace) -> int:
+    """optipipe report RUN [--html FILE] [--md FILE]"""
+    store = _store(args)
+    record = store.resolve_run(args.run)
+    html_path = args.html
+    if html_path is None and args.md is None:
+        html_path = str(store.root / "reports" / f"{record['run_id']}.html")
+    for path in write_report(record, html_path, args.md):
+        console.print(f"wrote {path}")
+    return 0
+
+
 def command_gc(args: argparse.Namespace) -> int:
     """optipipe gc --keep N"""
     from pipeline.gc import collect
@@ -167,7 +200,10 @@ def command_demo(args: argparse.Namespace) -> int:
     trained = train_demo_checkpoint(checkpoint_path, epochs=args.epochs)
     console.print(f"saved {checkpoint_path} (eval top-1 {trained['eval_top1']:.2%}, loss {trained['loss']:.4f})")
     record = run_flow(str(DEMO_RECIPE), str(checkpoint_path), _store_root(args), [])
-    return _finish_run(record)
+    exit_code = _finish_run(record)
+    for path in write_report(record, str(Path(args.out) / "report.html"), None):
+        console.print(f"report: {Path(path).resolve()}")
+    return exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--max-accuracy-drop", type=float, default=0.0, help="top-1 drop (fraction) flagged as a regression")
     diff.add_argument("--max-latency-increase", type=float, default=None, help="latency growth (fraction) flagged as a regression")
     diff.add_argument("--json", action="store_true")
+    report = add("report", command_report, "write a run's review page: HTML with plots, or Markdown for PR comments")
+    report.add_argument("run", help="run id, unique prefix, or 'latest'")
+    report.add_argument("--html", metavar="FILE", help="write the HTML page here (default without --md: <store>/reports/RUN.html)")
+    report.add_argument("--md", metavar="FILE", help="write Markdown here ('-' prints it)")
     gc = add("gc", command_gc, "remove artifacts that neither the newest N runs nor a running run reference")
     gc.add_argument("--keep", type=int, default=10, help="how many of the newest runs keep their artifacts (default 10)")
     demo = add("demo", command_demo, "train the digits baseline and run recipes/demo.yaml on it")

@@ -92,6 +92,8 @@ class RunSession:
             "run_id": self.run_id,
             "recipe": {"name": plan.recipe.name, "path": str(plan.path), "digest": plan.digest},
             "checkpoint": {"path": str(self.checkpoint_path), "sha256": self.checkpoint_sha256},
+            "baseline": plan.baseline,
+            "dag": {name: plan.needs_of(name) for name in plan.order},
             "store": str(store.root),
             "state": "running",
             "started_at": utc_now(),

@@ -46,6 +46,22 @@ def as_input(model, folder: Path):
     return save_torch_module(model.eval(), Path(tempfile.mkdtemp(dir=folder)))
 
 
+def run_without_prefect(recipe_path: Path, checkpoint: Path, store_root: Path, overrides=()) -> dict:
+    """Run a recipe's stages in order with a plain RunSession (no Prefect) and return the run record."""
+    from pipeline.recipe import load_recipe
+    from pipeline.session import RunSession
+    from pipeline.store import ArtifactStore
+
+    session = RunSession(load_recipe(recipe_path, list(overrides)), ArtifactStore(store_root), checkpoint)
+    session.start()
+    for name in session.plan.order:
+        try:
+            session.execute(name)
+        except Exception:
+            break
+    return session.finish()
+
+
 @pytest.fixture(scope="session")
 def data():
     """scikit-learn digits as the default recipe builds them, shared by every stage test."""

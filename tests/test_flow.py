@@ -61,9 +61,39 @@ def test_second_run_reuses_every_stage(first_run, demo_checkpoint, store_root):
     assert stage_work > 0 and sum(stage["seconds"] for stage in second["stages"]) == 0
 
 
-def test_changed_parameter_reruns_only_that_stage_and_downstream(first_run, demo_checkpoint, store_root):
-    record = run_flow(str(DEMO_RECIPE), str(demo_checkpoint), str(store_root), ["onnx.simplify=false"])
-    assert states(record) == {"load": "cached", "slim": "cached", "fused": "cached", "onnx": "done", "check": "done", "bench": "done"}
+@pytest.fixture(scope="module")
+def unsimplified_run(first_run, demo_checkpoint, store_root) -> dict:
+    return run_flow(str(DEMO_RECIPE), str(demo_checkpoint), str(store_root), ["onnx.simplify=false"])
+
+
+def test_changed_parameter_reruns_only_that_stage_and_downstream(unsimplified_run):
+    assert states(unsimplified_run) == {"load": "cached", "slim": "cached", "fused": "cached", "onnx": "done", "check": "done", "bench": "done"}
+
+
+def test_diff_of_two_real_runs_names_the_changed_parameter(first_run, unsimplified_run, store_root, capsys):
+    code = main(["diff", first_run["run_id"], unsimplified_run["run_id"], "--store", str(store_root), "--json",
+                 "--max-accuracy-drop", "0.01"])
+    comparison = json.loads(capsys.readouterr().out)
+    assert code == 0 and comparison["regressions"] == []
+    stages = {stage["name"]: stage for stage in comparison["stages"]}
+    assert [name for name, stage in stages.items() if stage["same_artifact"]] == ["load", "slim", "fused"]
+    assert stages["onnx"]["params_changed"] == {"simplify": [True, False]}
+    assert stages["check"]["params_changed"] == {} and not stages["check"]["same_artifact"]
+    variants = {variant["variant"]: variant for variant in comparison["variants"]}
+    assert set(variants) == {"fused", "onnx"}  # the baseline is what variants are measured against
+    assert variants["onnx"]["delta_top1"] == 0.0 and variants["onnx"]["latency_ms_b"] > 0
+    assert main(["diff", first_run["run_id"], unsimplified_run["run_id"], "--store", str(store_root)]) == 0
+    assert "simplify" in capsys.readouterr().out
+
+
+def test_flow_publishes_table_and_markdown_artifacts(first_run):
+    from prefect.artifacts import Artifact
+
+    summary = Artifact.get("optipipe-demo-summary")
+    assert summary is not None and summary.type == "markdown"
+    assert "| variant | kind | top-1 |" in summary.data and "Pareto front" in summary.data
+    table = Artifact.get("optipipe-demo-variants")
+    assert table is not None and table.type == "table" and '"variant": "onnx"' in table.data
 
 
 def test_two_branch_dag_validates_both_branches(demo_checkpoint, write_recipe, tmp_path):

@@ -6,25 +6,15 @@ import pytest
 
 from pipeline.cli import run_flow
 from pipeline.gpu import cuda_status
-from pipeline.recipe import load_recipe
 from pipeline.report import variant_rows
-from pipeline.session import RunSession
-from pipeline.store import ArtifactStore
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_without_prefect
 
 GPU_RECIPE = REPO_ROOT / "recipes" / "gpu-tensorrt.yaml"
 needs_no_gpu = pytest.mark.skipif(cuda_status() is None, reason="a CUDA device is present: the TensorRT stages would run")
 
 
 def run_session(checkpoint, store_root, overrides=()):
-    session = RunSession(load_recipe(GPU_RECIPE, list(overrides)), ArtifactStore(store_root), checkpoint)
-    session.start()
-    for name in session.plan.order:
-        try:
-            session.execute(name)
-        except Exception:
-            break
-    return session.finish()
+    return run_without_prefect(GPU_RECIPE, checkpoint, store_root, overrides)
 
 
 @needs_no_gpu
