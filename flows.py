@@ -2,7 +2,8 @@
 
 The work lives in ``pipeline.session.RunSession``; this module only maps stages onto tasks, so
 independent branches run concurrently, each stage shows as a task run in the Prefect UI, and the
-run's variant metrics are published as a Prefect table artifact.
+run's variant metrics and summary are published as Prefect artifacts. ``nightly`` wraps ``optimize`` for
+scheduled runs: newest checkpoint in, regressions against the last good night out.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.errors import OptipipeError  # noqa: E402
+from pipeline.nightly import judge, latest_reference, newest_checkpoint, record_night  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.report import variant_rows  # noqa: E402
 from pipeline.report_page import markdown_summary  # noqa: E402
-from pipeline.session import RunSession  # noqa: E402
+from pipeline.session import RunSession, new_run_id  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 
 DEFAULT_STORE = "artifacts"
@@ -109,4 +111,52 @@ def optimize(
     _publish_artifacts(record)
     if record["state"] != "succeeded":
         return Failed(message=record["message"] or "some stages did not finish", data=record)
+    return record
+
+
+def _nightly_markdown(record: dict[str, Any], choice: Any, verdict: dict[str, Any], promoted: bool) -> str:
+    lines = [f"## nightly {record['recipe']['name']}: run {record['run_id']} **{record['state']}**",
+             f"checkpoint `{choice.path}` ({choice.reason})"]
+    if verdict["reference_run"] is None:
+        lines.append("first nightly run of this recipe: nothing to compare with")
+    else:
+        lines.append(f"compared with the last good nightly run {verdict['reference_run']}")
+    lines += [f"- regression: {regression}" for regression in verdict["regressions"]]
+    lines.append(f"promoted to latest: **{'yes' if promoted else 'no'}**")
+    return "\n\n".join(lines) + "\n"
+
+
+@flow(name="nightly")
+def nightly(recipe_path: str, checkpoints: str, store_root: str = DEFAULT_STORE, overrides: list[str] | None = None) -> Any:
+    """Optimize the newest checkpoint in ``checkpoints`` (a folder or glob) and compare with the last good night.
+
+    Ends Failed when the run failed or a variant regressed beyond the recipe's ``nightly.regression``
+    limits, naming each regression; otherwise the run is promoted to the recipe's ``latest``.
+    """
+    logger = get_run_logger()
+    plan = load_recipe(recipe_path, overrides)
+    store = ArtifactStore(store_root)
+    choice = newest_checkpoint(checkpoints)
+    logger.info("checkpoint %s: %s", choice.path, choice.reason)
+    reference = latest_reference(store, plan.recipe.name)
+    run_id = new_run_id()
+    optimize(recipe_path, str(choice.path), store_root, overrides, run_id, return_state=True)
+    if not store.run_path(run_id).is_file():
+        return Failed(message=f"nightly {plan.recipe.name}: the optimize run did not start (see its log)")
+    record = store.read_run(run_id)
+    if all(stage["state"] == "cached" for stage in record["stages"]):
+        logger.info("every stage reused from the cache: %s was already optimized with this recipe, no work done", choice.path.name)
+    verdict = judge(record, reference, plan.recipe.nightly.regression)
+    record["nightly"] = {"checkpoint_choice": choice.reason, "reference_run": verdict["reference_run"],
+                         "regressions": verdict["regressions"], "comparison": verdict["comparison"]}
+    store.write_run(record)
+    promoted = record_night(store, record, choice, verdict)
+    create_markdown_artifact(key=_artifact_key(record, "nightly"), markdown=_nightly_markdown(record, choice, verdict, promoted),
+                             description=f"nightly verdict for run {run_id}")
+    if record["state"] != "succeeded":
+        return Failed(message=f"nightly {plan.recipe.name}: run {run_id} failed: {record['message']}", data=record)
+    if verdict["regressions"]:
+        named = "; ".join(verdict["regressions"])
+        return Failed(message=f"nightly {plan.recipe.name}: regressions vs run {verdict['reference_run']}: {named}", data=record)
+    logger.info("run %s promoted to latest for recipe %s", run_id, plan.recipe.name)
     return record

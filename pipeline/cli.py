@@ -175,6 +175,91 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_name(reference: str) -> str:
+    """A recipe's name from its file, or the reference itself when it names no file."""
+    if Path(reference).is_file():
+        from pipeline.recipe import load_recipe
+
+        return load_recipe(reference, []).recipe.name
+    return reference
+
+
+def command_latest(args: argparse.Namespace) -> int:
+    """optipipe latest RECIPE --variant NAME"""
+    from pipeline.nightly import latest_artifact, read_state
+
+    store = _store(args)
+    name = _recipe_name(args.recipe)
+    if not args.json and not args.variant:
+        raise OptipipeError("latest needs --variant NAME (a stage name such as onnx), or --json for the whole entry")
+    if args.json:
+        _print_json(read_state(store, name)["latest"])
+        return 0
+    print(latest_artifact(store, name, args.variant))
+    return 0
+
+
+def command_nightly(args: argparse.Namespace) -> int:
+    """optipipe nightly RECIPE --checkpoints DIR: one night by hand, as the schedule would run it."""
+    from pipeline.recipe import load_recipe
+    from pipeline.store import ArtifactStore
+
+    load_recipe(args.recipe, args.set or [])
+    ArtifactStore(_store_root(args)).ensure_writable()
+    from flows import nightly
+
+    state = nightly(args.recipe, args.checkpoints, _store_root(args), args.set or [], return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, OptipipeError):
+        raise outcome
+    if isinstance(outcome, dict):
+        _finish_run(outcome)
+    if state.is_completed():
+        console.print(f"promoted run {outcome['run_id']} to latest")
+        return 0
+    print(f"error: {state.message}", file=sys.stderr)
+    return EXIT_REJECTED if "regressions vs run" in (state.message or "") else EXIT_USER_ERROR
+
+
+def command_schedule(args: argparse.Namespace) -> int:
+    """optipipe schedule RECIPE --checkpoints DIR --cron CRON | --list | --remove NAME"""
+    from pipeline import schedule
+
+    url = schedule.api_url()
+    if args.list:
+        deployments = schedule.list_deployments()
+        if args.json:
+            _print_json(deployments)
+            return 0
+        for deployment in deployments:
+            crons = ", ".join(f"{item['cron']} ({item['timezone']}){'' if item['active'] else ' paused'}" for item in deployment["schedules"])
+            pool = deployment["work_pool"] or "served by 'optipipe schedule'"
+            console.print(f"nightly/{deployment['name']}: {crons or 'no schedule'} · {pool} · {deployment['parameters']}")
+        return 0
+    if args.remove:
+        schedule.remove(args.remove)
+        console.print(f"removed deployment nightly/{args.remove} from {url}")
+        return 0
+    if not args.recipe or not args.checkpoints or not args.cron:
+        raise OptipipeError("schedule needs RECIPE, --checkpoints DIR and --cron '0 2 * * *' (or --list, or --remove NAME)")
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, [])
+    schedule.check_cron(args.cron, args.timezone)
+    spec = schedule.NightlySchedule(
+        name=args.name or recipe.recipe.name, recipe=str(Path(args.recipe).resolve()), checkpoints=str(Path(args.checkpoints).resolve()),
+        store=str(Path(_store_root(args)).resolve()), cron=args.cron, timezone=args.timezone,
+    )
+    if args.work_pool:
+        deployment_id = schedule.register(spec, args.work_pool)
+        console.print(f"deployment nightly/{spec.name} ({deployment_id}) on {url}: '{spec.cron}' {spec.timezone}, work pool '{args.work_pool}'; "
+                      f"start a worker with: prefect worker start --pool {args.work_pool}")
+        return 0
+    console.print(f"serving deployment nightly/{spec.name} on {url}: '{spec.cron}' {spec.timezone}; Ctrl-C stops serving")
+    schedule.serve(spec)
+    return 0
+
+
 def command_gc(args: argparse.Namespace) -> int:
     """optipipe gc --keep N"""
     from pipeline.gc import collect
@@ -243,6 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", help="run id, unique prefix, or 'latest'")
     report.add_argument("--html", metavar="FILE", help="write the HTML page here (default without --md: <store>/reports/RUN.html)")
     report.add_argument("--md", metavar="FILE", help="write Markdown here ('-' prints it)")
+    nightly = add("nightly", command_nightly, "optimize the newest checkpoint now and compare with the last good nightly run")
+    nightly.add_argument("recipe")
+    nightly.add_argument("--checkpoints", required=True, help="folder (or glob) the training job writes checkpoints to")
+    nightly.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
+    latest = add("latest", command_latest, "print the model file of a variant of a recipe's newest good nightly run")
+    latest.add_argument("recipe", help="recipe file or recipe name")
+    latest.add_argument("--variant", required=False, default=None, help="stage name of the variant, e.g. onnx")
+    latest.add_argument("--json", action="store_true", help="print the whole 'latest' entry")
+    schedule = add("schedule", command_schedule, "schedule nightly re-optimization of the newest checkpoint as a Prefect deployment")
+    schedule.add_argument("recipe", nargs="?")
+    schedule.add_argument("--checkpoints", help="folder (or glob) the training job writes checkpoints to")
+    schedule.add_argument("--cron", help="cron expression, e.g. '0 2 * * *' (02:00 daily)")
+    schedule.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule (default UTC)")
+    schedule.add_argument("--name", help="deployment name (default: the recipe's name)")
+    schedule.add_argument("--work-pool", help="register for this work pool's workers instead of serving here")
+    schedule.add_argument("--list", action="store_true", help="list the nightly deployments and their schedules")
+    schedule.add_argument("--remove", metavar="NAME", help="delete the deployment nightly/NAME")
+    schedule.add_argument("--json", action="store_true")
     gc = add("gc", command_gc, "remove artifacts that neither the newest N runs nor a running run reference")
     gc.add_argument("--keep", type=int, default=10, help="how many of the newest runs keep their artifacts (default 10)")
     demo = add("demo", command_demo, "train the digits baseline and run recipes/demo.yaml on it")

@@ -72,6 +72,25 @@ class StageSpec(StrictModel):
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="the stage's parameters")
 
 
+class RegressionSpec(StrictModel):
+    """When a nightly result counts as worse than the last good one (``optipipe diff`` applies the same rules)."""
+
+    max_accuracy_drop: float = Field(
+        default=0.005, ge=0.0, le=1.0,
+        description="largest top-1 drop (fraction: 0.005 = half a point) a variant may show vs the last good nightly run",
+    )
+    max_latency_increase: float | None = Field(
+        default=0.5, ge=0.0,
+        description="largest growth of a variant's batch-1 median latency (fraction: 0.5 = +50%); null turns the check off",
+    )
+
+
+class NightlySpec(StrictModel):
+    """Settings of scheduled re-optimization (``flows.nightly``, ``optipipe schedule``)."""
+
+    regression: RegressionSpec = Field(default_factory=RegressionSpec)
+
+
 class Recipe(StrictModel):
     """A whole recipe file."""
 
@@ -83,6 +102,7 @@ class Recipe(StrictModel):
         default=None, description="stage whose model is the FP32 baseline; default: the load_checkpoint stage"
     )
     stages: dict[str, StageSpec] = Field(min_length=1, description="stage name -> stage")
+    nightly: NightlySpec = Field(default_factory=NightlySpec, description="regression limits of nightly runs")
 
 
 @dataclass
