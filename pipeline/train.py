@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -12,6 +12,11 @@ from pipeline.models import TORCH_GRAPH_LOCK
 from pipeline.progress import track
 
 
+def cross_entropy_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The default training loss: cross-entropy of the model's logits against the labels."""
+    return nn.functional.cross_entropy(model(inputs), labels)
+
+
 def train_classifier(
     model: nn.Module,
     train_loader: Iterable,
@@ -19,10 +24,14 @@ def train_classifier(
     lr: float = 1e-3,
     optimizer: torch.optim.Optimizer | None = None,
     description: str = "train",
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.optim.Optimizer, float]:
-    """Train ``model`` with cross-entropy (Adam unless an optimizer is given); returns the optimizer and last epoch's mean loss."""
+    """Train ``model`` (Adam unless an optimizer is given); returns the optimizer and last epoch's mean loss.
+
+    ``loss(model, inputs, labels)`` computes one batch's loss (default: cross-entropy of ``model(inputs)``).
+    """
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
-    loss_function = nn.CrossEntropyLoss()
+    loss_of_batch = loss or cross_entropy_loss
     model.train()
     mean_loss = float("nan")
     for epoch in track(range(epochs), description):
@@ -31,10 +40,10 @@ def train_classifier(
             inputs, labels = split_batch(batch, "train")
             with TORCH_GRAPH_LOCK:  # a concurrent graph capture must not see this forward (pipeline.models)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_function(model(inputs), labels)
-                loss.backward()
+                batch_loss = loss_of_batch(model, inputs, labels)
+                batch_loss.backward()
                 optimizer.step()
-            total += loss.item()
+            total += batch_loss.item()
             batches += 1
         mean_loss = total / max(batches, 1)
     model.eval()

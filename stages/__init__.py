@@ -17,6 +17,8 @@ STAGE_MODULES: dict[str, str] = {
     "benchmark": "stages.benchmark",
     "tensorrt": "stages.tensorrt",
     "precision": "stages.precision",
+    "prune": "stages.prune",
+    "distill": "stages.distill",
 }
 
 
