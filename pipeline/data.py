@@ -19,7 +19,7 @@ from pipeline.errors import DataError, RecipeError
 from pipeline.imports import module_source_digest, resolve_callable
 
 # Bump when a built-in source's output changes, so cached artifacts built on the old data are not reused.
-BUILTIN_DATA_VERSION = 1
+BUILTIN_DATA_VERSION = 2
 
 
 @dataclass
@@ -28,6 +28,24 @@ class DataBundle:
 
     train: Iterable[Any]
     eval: Iterable[Any]
+    train_seed: int | None = None  # the shuffle seed of a built-in train loader (None: a user factory's own loader)
+
+    def for_stage(self) -> "DataBundle":
+        """This data with a train loader of its own whose shuffling starts again from the data seed.
+
+        Stages share one bundle per run, but a shared shuffling generator would make what a stage
+        trains or calibrates on depend on which stages read the train data before it (thread timing,
+        cache hits); the artifact must depend only on its cache key. A user factory's loader is used as is.
+        """
+        if self.train_seed is None or not isinstance(self.train, DataLoader):
+            return self
+        train = DataLoader(
+            self.train.dataset, batch_size=self.train.batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(self.train_seed),
+        )
+        fresh = DataBundle(train=train, eval=self.eval, train_seed=self.train_seed)
+        fresh.__dict__["eval_arrays"] = self.eval_arrays  # computed once per run, shared read-only
+        return fresh
 
     @cached_property
     def eval_arrays(self) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +84,11 @@ def split_batch(batch: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, labels
 
 
+def train_shuffle_seed(seed: int) -> int:
+    """The seed of a built-in train loader's shuffling, derived from the data section's ``seed``."""
+    return seed + 1
+
+
 def _loaders(inputs: torch.Tensor, labels: torch.Tensor, eval_fraction: float, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=generator)
@@ -75,7 +98,7 @@ def _loaders(inputs: torch.Tensor, labels: torch.Tensor, eval_fraction: float, b
         TensorDataset(inputs[train_index], labels[train_index]),
         batch_size=batch_size,
         shuffle=True,
-        generator=torch.Generator().manual_seed(seed + 1),
+        generator=torch.Generator().manual_seed(train_shuffle_seed(seed)),
     )
     evaluation = DataLoader(TensorDataset(inputs[eval_index], labels[eval_index]), batch_size=batch_size)
     return train, evaluation
@@ -130,7 +153,7 @@ def build_data(spec: Any, input_shape: list[int]) -> DataBundle:
             train, evaluation = synthetic(input_shape, batch_size=spec.batch_size, seed=spec.seed, **kwargs)
     except TypeError as error:
         raise RecipeError(f"data.kwargs: {error} (source '{spec.source}')") from None
-    return DataBundle(train=train, eval=evaluation)
+    return DataBundle(train=train, eval=evaluation, train_seed=train_shuffle_seed(spec.seed))
 
 
 def data_identity(spec: Any) -> dict[str, Any]:

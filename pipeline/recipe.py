@@ -219,7 +219,7 @@ def _check_stage(path: Path, lines: LineMap, recipe: Recipe, name: str) -> BaseM
     try:
         return module.Params.model_validate(spec.with_)
     except ValidationError as error:
-        fields = list(module.Params.model_fields)
+        fields = [info.alias or field for field, info in module.Params.model_fields.items()]
         raise _pydantic_errors(path, lines, error, loc + ("with",), fields) from None
 
 
@@ -255,13 +255,27 @@ def _choose_baseline(path: Path, lines: LineMap, recipe: Recipe) -> str:
     return sources[0]
 
 
-def _check_factories(path: Path, lines: LineMap, recipe: Recipe) -> None:
-    """Import the model and data factories now, so a missing module is a recipe error, not a mid-run failure."""
+def factory_references(value: Any, loc: tuple = ()) -> list[tuple[tuple, str]]:
+    """Every ``module:callable`` named under a ``factory`` key inside stage params (a distillation student)."""
+    found: list[tuple[tuple, str]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "factory" and isinstance(item, str):
+                found.append((loc + (key,), item))
+            else:
+                found += factory_references(item, loc + (key,))
+    return found
+
+
+def _check_factories(path: Path, lines: LineMap, recipe: Recipe, params: dict[str, BaseModel]) -> None:
+    """Import every factory now (model, data, stage params), so a missing module is a recipe error, not a mid-run failure."""
     add_search_path(path.parent)
     add_search_path(Path.cwd())
     references = [(("model", "factory"), recipe.model.factory)]
     if recipe.data.factory is not None:
         references.append((("data", "factory"), recipe.data.factory))
+    for name, stage_params in params.items():
+        references += factory_references(stage_params.model_dump(mode="json", by_alias=True), ("stages", name, "with"))
     for loc, reference in references:
         try:
             resolve_callable(reference, ".".join(loc))
@@ -280,8 +294,8 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Plan:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise _check_section_keys(path, lines, error) from None
-    _check_factories(path, lines, recipe)
     params = {name: _check_stage(path, lines, recipe, name) for name in recipe.stages}
+    _check_factories(path, lines, recipe, params)
     order = _topological_order(path, lines, recipe)
     _check_kinds(path, lines, recipe)
     baseline = _choose_baseline(path, lines, recipe)
@@ -293,7 +307,11 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Plan:
 def recipe_json_schema() -> dict[str, Any]:
     """JSON Schema of a recipe, with each stage's parameters, for editors and ``optipipe schema``."""
     schema = Recipe.model_json_schema(by_alias=True)
-    schema["$defs"]["StageParameters"] = {
-        uses: load_stage(uses).Params.model_json_schema() for uses in stage_names()
-    }
+    stage_parameters = {}
+    for uses in stage_names():  # nested models (e.g. prune's finetune) move to the top $defs, prefixed by stage
+        params_schema = load_stage(uses).Params.model_json_schema(by_alias=True, ref_template=f"#/$defs/{uses}.{{model}}")
+        for model_name, definition in params_schema.pop("$defs", {}).items():
+            schema["$defs"][f"{uses}.{model_name}"] = definition
+        stage_parameters[uses] = params_schema
+    schema["$defs"]["StageParameters"] = stage_parameters
     return schema

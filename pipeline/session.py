@@ -23,7 +23,7 @@ from pipeline.errors import CheckpointError, OptipipeError, StageError, StageUna
 from pipeline.imports import module_source_digest
 from pipeline.measure import PeakRSS, library_versions
 from pipeline.models import ModelHandle, handle_from_record
-from pipeline.recipe import Plan
+from pipeline.recipe import Plan, factory_references
 from pipeline.stage import StageContext, StageOutput
 from pipeline.store import Artifact, ArtifactStore, sha256_file, sha256_text
 from stages import load_stage
@@ -138,6 +138,9 @@ class RunSession:
             "data": data_identity(self.plan.recipe.data),
             "versions": self.versions,
         }
+        factories = factory_references(payload["params"])
+        if factories:  # a user's module named in params (a distillation student): edits to it rebuild the stage
+            payload["factory_sources"] = {reference: module_source_digest(reference) for _, reference in factories}
         if module.inputs == "none":
             payload["checkpoint_sha256"] = self.checkpoint_sha256
         if self.plan.uses_baseline(name):
@@ -185,7 +188,7 @@ class RunSession:
                 workdir=workdir,
                 recipe=self.plan.recipe,
                 checkpoint_path=self.checkpoint_path,
-                load_data=self.data,
+                load_data=lambda: self.data().for_stage(),
                 input_names=inputs_used,
                 baseline=self.handle_of(self.artifacts[self.plan.baseline]) if self.plan.uses_baseline(name) else None,
                 baseline_name=self.plan.baseline,

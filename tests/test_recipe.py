@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -124,6 +125,9 @@ def test_cli_validate_and_schema(write_recipe, capsys):
     assert "stages" in schema["properties"]
     assert "opset" in schema["$defs"]["StageParameters"]["export_onnx"]["properties"]
     assert schema == recipe_json_schema()
+    references = set(re.findall(r'"\$ref": "#/\$defs/([^"]+)"', json.dumps(schema)))
+    assert references and references <= set(schema["$defs"]), "every $ref must resolve inside the schema"
+    assert "prune.Finetune" in references
 
 
 def test_cli_prints_one_line_and_exits_2(write_recipe, capsys):

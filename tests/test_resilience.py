@@ -116,3 +116,19 @@ def test_recipe_loader_only_raises_recipe_errors(tmp_path, document, raw_text):
         load_recipe(path)
     except RecipeError as error:
         assert str(error).startswith(str(path))
+
+
+def test_each_stage_sees_the_same_train_order_whatever_ran_before():
+    from pipeline.data import build_data
+    from tests.conftest import DIGITS_INPUT_SHAPE, one_stage_recipe
+
+    shared = build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)
+
+    def first_labels(bundle) -> list[int]:
+        return next(iter(bundle.train))[1].tolist()
+
+    first_stage = first_labels(shared.for_stage())
+    for _ in range(3):  # other stages exhaust the shared loader's shuffling in between
+        list(shared.train)
+    assert first_labels(shared.for_stage()) == first_stage
+    assert first_labels(shared.for_stage()) != first_labels(shared), "the shared loader has moved on; stages do not see that"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.errors import RecipeError
 from pipeline.recipe import load_recipe
 from pipeline.session import RunSession
 from pipeline.store import ArtifactStore
+from pipeline.zoo import mlp
 
 USER_MODULE = '''
 import torch
@@ -99,3 +102,34 @@ def test_missing_factory_module_is_reported(tmp_path, capsys):
     code = main(["run", str(recipe_path), "--checkpoint", str(checkpoint_path), "--store", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and "module 'no_such_module_xyz' not found" in err and "Traceback" not in err
+
+
+STUDENT_RECIPE = """name: students
+model: {factory: "pipeline.zoo:mlp", input_shape: [1, 1, 8, 8]}
+stages:
+  load: {uses: load_checkpoint}
+  student: {uses: distill, needs: [load], with: {epochs: 1, student: {factory: "%s:make"}}}
+"""
+
+
+def test_a_student_factory_is_checked_with_the_recipe_and_keys_its_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(STUDENT_RECIPE % "no_such_students")
+    with pytest.raises(RecipeError, match=r"recipe.yaml:5: .*module 'no_such_students' not found"):
+        load_recipe(recipe_path)
+
+    student_module = tmp_path / "user_students.py"
+    student_module.write_text("from pipeline.zoo import mlp\n\ndef make():\n    return mlp(hidden=(8,))\n")
+    recipe_path.write_text(STUDENT_RECIPE % "user_students")
+    checkpoint_path = tmp_path / "mlp.pt"
+    torch.save(mlp().state_dict(), checkpoint_path)
+
+    def student_key() -> str:
+        session = RunSession(load_recipe(recipe_path), ArtifactStore(tmp_path / "store"), checkpoint_path)
+        session.artifacts["load"] = session.store.read(session.execute("load").key)
+        return session.store.cache_key(session.cache_payload("student"))
+
+    before = student_key()
+    student_module.write_text(student_module.read_text() + "# edited\n")
+    assert student_key() != before, "editing the student's module must rebuild the distill stage"
