@@ -19,6 +19,7 @@ STAGE_MODULES: dict[str, str] = {
     "precision": "stages.precision",
     "prune": "stages.prune",
     "distill": "stages.distill",
+    "quantize_onnx": "stages.quantize_onnx",
     "quantize": "stages.quantize",
 }
 
