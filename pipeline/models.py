@@ -120,13 +120,18 @@ class TorchRunner:
 
 
 class OnnxRunner:
-    """Runs an ONNX model in onnxruntime on the CPU execution provider."""
+    """Runs an ONNX model in onnxruntime on the CPU execution provider.
 
-    def __init__(self, path: Path, intra_op_threads: int = 0):
+    By default it uses as many threads as torch (``torch.get_num_threads()``), so eager and onnxruntime
+    figures in one benchmark are taken with the same thread count; onnxruntime's own default (physical
+    cores) differs from machine to machine.
+    """
+
+    def __init__(self, path: Path, intra_op_threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
+        options.intra_op_num_threads = torch.get_num_threads() if intra_op_threads is None else intra_op_threads
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
