@@ -52,7 +52,7 @@ QUANTIZE_STAGES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
 # Models with real labels also get the edge-small path: prune -> distill -> INT8.
 EDGE_STAGES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "pruned": ("prune", ["fused"], {"method": "channels", "amount": 0.5}),
-    "distilled": ("distill", ["pruned"], {"epochs": 10, "lr": 0.002, "temperature": 4.0, "alpha": 0.7}),
+    "distilled": ("distill", ["pruned"], {"epochs": 40, "lr": 0.002, "temperature": 4.0, "alpha": 0.9}),
     "pd_torch_static": ("quantize", ["distilled"], {"mode": "static", "calibration_batches": 16}),
     "pd_onnx": ("export_onnx", ["distilled"], {}),
     "pd_onnx_int8": ("quantize_onnx", ["pd_onnx"], INT8_STATIC),

@@ -1,0 +1,47 @@
+"""The shipped compression recipes, end to end through `optipipe run` (Prefect) on the demo checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import main
+from tests.conftest import REPO_ROOT, optipipe_stderr
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+QUICK_BENCHMARK = ["bench.batch_sizes=[1]", "bench.min_seconds=0.1", "bench.iterations=5"]
+EXPECTED_VARIANTS = {
+    "cpu-int8": {"torch_dyn", "torch_static", "onnx", "onnx_int8"},
+    "edge-small": {"distilled", "int8", "onnx", "onnx_int8"},
+    "qat": {"ptq", "qat"},
+}
+
+
+def run_recipe(name: str, checkpoint, store, capsys) -> dict:
+    args = ["--quiet", "run", str(REPO_ROOT / "recipes" / f"{name}.yaml"), "--checkpoint", str(checkpoint), "--store", str(store)]
+    for override in QUICK_BENCHMARK:
+        args += ["--set", override]
+    code = main(args)
+    assert code == 0, optipipe_stderr(capsys.readouterr().err)
+    capsys.readouterr()
+    assert main(["show", "latest", "--store", str(store), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_VARIANTS))
+def test_recipe_validates_every_variant_against_fp32(name, demo_checkpoint, tmp_path, capsys):
+    record = run_recipe(name, demo_checkpoint, tmp_path / "store", capsys)
+    stages = {stage["name"]: stage for stage in record["stages"]}
+    check = stages["check"]["metrics"]
+    assert set(check["variants"]) == EXPECTED_VARIANTS[name]
+    for variant, metrics in check["variants"].items():
+        assert metrics["status"] == "accepted", f"{variant}: {metrics}"
+        assert metrics["agreement"] >= 0.95 and metrics["delta_top1"] >= -0.01
+    assert set(stages["bench"]["metrics"]["variants"]) == EXPECTED_VARIANTS[name]
+    if name == "edge-small":
+        pruned = stages["pruned"]["metrics"]
+        assert pruned["params_ratio"] < 0.35 and pruned["macs_ratio"] < 0.35
+        assert check["variants"]["onnx_int8"]["size_bytes"] < check["baseline"]["size_bytes"] / 8
+    if name == "cpu-int8":
+        assert check["variants"]["onnx_int8"]["size_bytes"] < check["variants"]["onnx"]["size_bytes"] / 3
