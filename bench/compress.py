@@ -201,11 +201,11 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, bo
         if name not in results:
             continue
         int8 = best(results[name], INT8_VARIANTS)
-        checks.append((f"{name}: best INT8 ({int8['variant']}) top-1 drop ≤0.5 pt", f"{-int8['delta_top1'] * 100:.2f} pt", -int8["delta_top1"] <= 0.005))
+        checks.append((f"{name}: best INT8 ({int8['variant']}) top-1 drop ≤0.5 pt", f"{-int8['delta_top1'] * 100 + 0.0:.2f} pt", -int8["delta_top1"] <= 0.005))
         edge = best(results[name], EDGE_INT8_VARIANTS)
         checks += [
             (f"{name}: pruned+distilled+INT8 ({edge['variant']}) ≥10× lower latency than FP32 eager at batch 1", f"{edge['x_eager']['1']:.2f}×", edge["x_eager"]["1"] >= 10),
-            (f"{name}: pruned+distilled+INT8 ({edge['variant']}) top-1 drop ≤1 pt", f"{-edge['delta_top1'] * 100:.2f} pt", -edge["delta_top1"] <= 0.01),
+            (f"{name}: pruned+distilled+INT8 ({edge['variant']}) top-1 drop ≤1 pt", f"{-edge['delta_top1'] * 100 + 0.0:.2f} pt", -edge["delta_top1"] <= 0.01),
         ]
     return checks
 

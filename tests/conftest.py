@@ -62,6 +62,18 @@ def run_without_prefect(recipe_path: Path, checkpoint: Path, store_root: Path, o
     return session.finish()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module that trains: on a busy 2-core machine two spin-waiting
+    threads made small training loops 5-60x slower. The previous count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data():
     """scikit-learn digits as the default recipe builds them, shared by every stage test."""

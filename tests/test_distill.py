@@ -23,18 +23,12 @@ SMALL_STUDENT = {"factory": "pipeline.zoo:mlp", "kwargs": {"hidden": [16]}}
 STUDENT_EPOCHS = 3
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def fresh_data():
     """The digits bundle built anew, so every stage run sees the same shuffled batches in the same order."""
     return build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny MLPs train several times faster on one thread than on two when the CPUs are shared (no spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ from pipeline.zoo import digits_cnn, mlp, resnet18, resnet_small
 from stages import fuse_conv_bn, prune
 from tests.conftest import DIGITS_INPUT_SHAPE, as_input, one_stage_recipe
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class Branchy(nn.Module):
     """fx cannot trace it: a Python `if` on a tensor value."""
@@ -40,15 +42,6 @@ def depthwise_net() -> nn.Module:
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core test machine, 2 threads made a digits epoch 60x slower (spin-waits)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

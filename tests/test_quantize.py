@@ -26,6 +26,7 @@ from tests.conftest import REPO_ROOT, as_input, one_stage_recipe
 MIN_AGREEMENT = 0.95
 # torch.ao's own deprecation notices (see stages/quantize.py); pytest resets the stage's filters per test.
 pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
     pytest.mark.filterwarnings(r"ignore:torch\.quantize_per_tensor:UserWarning"),
     pytest.mark.filterwarnings(r"ignore:Please use quant_min and quant_max:UserWarning"),
     pytest.mark.filterwarnings(r"ignore:TypedStorage is deprecated:UserWarning"),
@@ -38,15 +39,6 @@ def trained(factory, data, epochs: int) -> nn.Module:
     model = factory()
     train_classifier(model, data.train, epochs=epochs, lr=3e-3)
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on this shared 2-core machine two spinning threads made training 5-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
