@@ -43,7 +43,8 @@ def chromium() -> str:
     found = shutil.which("chromium")
     if found:
         return found
-    install = "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium"
+    sudo = "" if os.geteuid() == 0 or not shutil.which("sudo") else "sudo -n "
+    install = f"{sudo}apt-get update -qq && DEBIAN_FRONTEND=noninteractive {sudo}apt-get install -y -qq chromium"
     result = subprocess.run(["sh", "-c", install], capture_output=True, text=True, timeout=900)
     if result.returncode != 0 or not shutil.which("chromium"):
         pytest.fail(f"could not install Debian's chromium for the report rendering test: {result.stderr[-2000:]}")
