@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # no display here, and no GUI toolkit in CI
 
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 STATE_COLORS = {
     "done": "#2e7d32", "cached": "#00838f", "failed": "#c62828", "rejected": "#c62828",
@@ -65,8 +65,10 @@ def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int) -> str:
               linewidth=1.5, label="Pareto front", zorder=2)
     axes.set_xscale("log")
     axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-    axes.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
-    axes.tick_params(axis="x", which="minor", labelsize=7)
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    accuracies = [accuracy for _, accuracy in points]
+    margin = max(0.5, (max(accuracies) - min(accuracies)) * 0.15)
+    axes.set_ylim(min(accuracies) - margin, min(100.0 + margin / 2, max(accuracies) + margin))
     axes.set_xlabel(f"median latency at batch {batch} (ms, log scale; lower is better)")
     axes.set_ylabel("top-1 (%)")
     axes.set_title("Accuracy vs latency")
@@ -115,14 +117,27 @@ def class_delta_heatmap_svg(variants: list[str], deltas: list[list[float | None]
     return _svg(figure, "plot-class-deltas")
 
 
+def dag_levels(dag: dict[str, list[str]]) -> dict[str, int]:
+    """Each stage's column in the drawing: 0 for sources, else one more than its deepest need (any key order)."""
+    levels: dict[str, int] = {}
+
+    def level(name: str) -> int:
+        if name not in levels:
+            levels[name] = 1 + max((level(need) for need in dag.get(name, []) if need in dag), default=-1)
+        return levels[name]
+
+    for name in dag:
+        level(name)
+    return levels
+
+
 def dag_svg(dag: dict[str, list[str]], stages: dict[str, dict[str, Any]]) -> str:
     """The recipe's stage graph left to right, each box coloured by the stage's state and showing its time."""
-    depth: dict[str, int] = {}
-    for name in dag:  # dag is in topological order: needs come first
-        depth[name] = 1 + max((depth[need] for need in dag[name] if need in depth), default=-1)
+    depth = dag_levels(dag)
+    order = [name for name in stages if name in dag] + [name for name in dag if name not in stages]
     columns: dict[int, list[str]] = {}
-    for name, level in depth.items():
-        columns.setdefault(level, []).append(name)
+    for name in order:
+        columns.setdefault(depth[name], []).append(name)
     rows = max(len(names) for names in columns.values())
     figure = Figure(figsize=(1.9 * len(columns) + 0.4, 0.9 * rows + 0.6))
     axes = figure.add_subplot()

@@ -13,8 +13,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.demo import DEMO_RECIPE
-from pipeline.plots import VARIANT_COLOR, pareto_front
+from pipeline.plots import VARIANT_COLOR, dag_levels, pareto_front
 from pipeline.report_page import html_report, markdown_report, markdown_summary
+from pipeline.store import ArtifactStore
 from tests.conftest import run_without_prefect
 
 QUICK_BENCHMARK = ["bench.batch_sizes=[1]", "bench.min_seconds=0.1", "bench.iterations=5"]
@@ -34,7 +35,7 @@ def store_root(tmp_path_factory) -> Path:
 def demo_record(demo_checkpoint, store_root) -> dict:
     record = run_without_prefect(DEMO_RECIPE, demo_checkpoint, store_root, QUICK_BENCHMARK)
     assert record["state"] == "succeeded", record["message"]
-    return record
+    return ArtifactStore(store_root).read_run(record["run_id"])  # as `optipipe report` reads it: JSON keys sorted
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +62,11 @@ def render(chromium: str, page: Path, tmp_path: Path, *extra: str) -> subprocess
 def test_pareto_front_keeps_only_undominated_points():
     points = [(1.0, 0.90), (0.5, 0.90), (2.0, 0.95), (0.5, 0.80), (3.0, 0.95)]
     assert pareto_front(points) == [1, 2]
+
+
+def test_dag_columns_follow_the_needs_whatever_the_key_order(demo_record):
+    assert list(demo_record["dag"]) == sorted(demo_record["dag"]), "the stored record sorts keys"
+    assert dag_levels(demo_record["dag"]) == {"load": 0, "slim": 1, "fused": 2, "onnx": 3, "check": 4, "bench": 4}
 
 
 def test_html_report_is_self_contained_with_plots_and_tables(demo_record):
