@@ -96,7 +96,8 @@ def register(spec: NightlySchedule, work_pool: str) -> str:
     source_flow = flow.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
     deployment_id = source_flow.deploy(
         name=spec.name, work_pool_name=work_pool, schedules=_schedules(spec), parameters=spec.parameters(),
-        description=_description(spec), tags=["optipipe", "nightly"], build=False, push=False, print_next_steps=False,
+        description=_description(spec), tags=["optipipe", "nightly"], build=False, push=False,
+        print_next_steps=False, ignore_warnings=True,  # a process pool is the intended team set-up here
     )
     return str(deployment_id)
 
