@@ -122,9 +122,13 @@ class Plan:
 
     def uses_baseline(self, name: str) -> bool:
         """True when stage ``name`` is handed the FP32 baseline besides its inputs (``ctx.baseline``): stages
-        that compare with it (``inputs == "many"``) or declare ``uses_baseline = True`` (distillation's teacher)."""
+        that compare with it (``inputs == "many"``) or declare ``uses_baseline``: ``True``, or a function of the
+        stage's params (distillation needs its teacher only when no student factory is given)."""
         module = load_stage(self.recipe.stages[name].uses)
-        return name != self.baseline and getattr(module, "uses_baseline", module.inputs == "many")
+        wanted = getattr(module, "uses_baseline", module.inputs == "many")
+        if callable(wanted):
+            wanted = wanted(self.params[name])
+        return name != self.baseline and bool(wanted)
 
     def waits_for(self, name: str) -> list[str]:
         """Upstream stages ``name`` must wait for: its needs, the baseline for stages that compare with it,

@@ -73,7 +73,11 @@ takes: tuple[str, ...] = ("torch",)
 inputs = "one"
 makes = "torch"
 version = 1
-uses_baseline = True
+
+
+def uses_baseline(params: Params) -> bool:
+    """The baseline is the teacher only when no ``student`` factory is given (then the input teaches)."""
+    return params.student is None
 
 
 def build_student(spec: StudentSpec) -> nn.Module:

@@ -142,3 +142,16 @@ def test_bundled_recipes_are_valid():
 
     for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
         load_recipe(path)
+
+
+def test_distill_waits_for_the_baseline_only_when_it_is_the_teacher(write_recipe):
+    plan = load_recipe(write_recipe("""name: kd
+model: {factory: "pipeline.zoo:digits_cnn", input_shape: [1, 1, 8, 8]}
+stages:
+  load: {uses: load_checkpoint}
+  fused: {uses: fuse_conv_bn, needs: [load]}
+  taught: {uses: distill, needs: [fused]}
+  fresh: {uses: distill, needs: [fused], with: {student: {factory: "pipeline.zoo:mlp"}}}
+"""))
+    assert plan.waits_for("taught") == ["fused", "load"] and plan.uses_baseline("taught")
+    assert plan.waits_for("fresh") == ["fused"] and not plan.uses_baseline("fresh")
