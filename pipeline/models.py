@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.fx
 
 from pipeline.errors import StageError
 from pipeline.imports import resolve_callable
@@ -84,8 +85,25 @@ def handle_from_record(folder: Path, model_file: str, kind: str, meta: dict[str,
     return HANDLE_TYPES[kind](path=folder / model_file, meta=meta)
 
 
+def drop_string_annotations(module: torch.nn.Module) -> None:
+    """Make a torch.fx GraphModule picklable by forgetting type annotations fx recorded as strings.
+
+    Under ``from __future__ import annotations`` a ``forward(self, x: torch.Tensor)`` annotation is the
+    string ``'torch.Tensor'``; fx (torch 2.13) keeps it as a global of the generated code, and
+    ``GraphModule.__reduce__`` then fails with "'str' object has no attribute '__name__'".
+    """
+    if not isinstance(module, torch.fx.GraphModule):
+        return
+    annotated = [node for node in module.graph.nodes if isinstance(node.type, str)]
+    for node in annotated:
+        node.type = None
+    if annotated:
+        module.recompile()
+
+
 def save_torch_module(module: torch.nn.Module, workdir: Path, **meta: Any) -> TorchModel:
     """Pickle a whole module (architecture may have changed: fused, pruned, quantized)."""
+    drop_string_annotations(module)
     path = workdir / TORCH_MODULE_FILE
     torch.save(module, path)
     return TorchModel(path=path, meta={"format": "module", **meta})

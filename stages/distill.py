@@ -27,13 +27,13 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import prune
 
+from pipeline.complexity import count_params
 from pipeline.errors import RecipeError, StageError, one_line
 from pipeline.evaluate import predict_all
 from pipeline.imports import resolve_callable
 from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchRunner, save_torch_module
 from pipeline.stage import StageContext, StageOutput, StageParams
 from pipeline.train import train_classifier
-from stages.fuse_conv_bn import count_parameters
 
 LossOfBatch = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -190,8 +190,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "student_top1": student_top1,
         "retention": student_top1 / teacher_top1 if teacher_top1 > 0 else None,
         "agreement_with_teacher": float((student_logits.argmax(axis=1) == teacher_logits.argmax(axis=1)).mean()),
-        "teacher_parameters": count_parameters(teacher),
-        "student_parameters": count_parameters(student),
+        "teacher_parameters": count_params(teacher),
+        "student_parameters": count_params(student),
         "pruned_layers_kept": len(masked),
         "final_loss": final_loss,
         "epochs": params.epochs,

@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from pipeline.complexity import count_params
 from pipeline.errors import StageError, one_line
 from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchModel, TorchRunner, save_torch_module
 from pipeline.stage import StageContext, StageOutput, StageParams
@@ -74,18 +75,6 @@ def set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> No
     setattr(parent, attribute, module)
 
 
-def drop_string_annotations(graph: fx.Graph) -> None:
-    """Forget type annotations fx recorded as strings, so the GraphModule can be pickled.
-
-    Under ``from __future__ import annotations`` a ``forward(self, x: torch.Tensor)`` annotation is the
-    string ``'torch.Tensor'``; fx (torch 2.13) keeps it as a global of the generated code, and
-    ``GraphModule.__reduce__`` then fails with "'str' object has no attribute '__name__'".
-    """
-    for node in graph.nodes:
-        if isinstance(node.type, str):
-            node.type = None
-
-
 def submodule_uses(graph: fx.Graph) -> Counter[str]:
     """How often the graph calls each submodule or reads one of its tensors (``get_attr``)."""
     uses: Counter[str] = Counter()
@@ -117,7 +106,6 @@ def fuse_traced(traced: fx.GraphModule) -> int:
         node.replace_all_uses_with(source)
         traced.graph.erase_node(node)
         fused_pairs += 1
-    drop_string_annotations(traced.graph)
     traced.graph.lint()
     traced.delete_all_unused_submodules()
     traced.recompile()
@@ -140,11 +128,6 @@ def fuse_sequential(model: nn.Module) -> int:
                 container._modules[second] = nn.Identity()
                 fused_pairs += 1
     return fused_pairs
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameter elements (weights and biases, not BatchNorm running statistics)."""
-    return sum(parameter.numel() for parameter in model.parameters())
 
 
 def count_batchnorms(model: nn.Module) -> int:
@@ -182,7 +165,7 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
     model = inputs[0].load()
     batch = ctx.data.example_batch().numpy()
     reference = TorchRunner(model).predict(batch)
-    parameters_before = count_parameters(model)
+    parameters_before = count_params(model)
     trace_error: str | None = None
     try:
         with TORCH_GRAPH_LOCK:
@@ -208,7 +191,7 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "max_abs_diff": max_abs_diff,
         "relative_diff": relative_diff,
         "parameters_before": parameters_before,
-        "parameters_after": count_parameters(reloaded),
+        "parameters_after": count_params(reloaded),
         "trace_error": trace_error,
     }
     return StageOutput(product=product, metrics=metrics)

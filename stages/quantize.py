@@ -41,7 +41,6 @@ from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchModel, TorchRunn
 from pipeline.progress import track
 from pipeline.stage import StageContext, StageOutput, StageParams
 from pipeline.train import train_classifier
-from stages.fuse_conv_bn import drop_string_annotations
 
 # The parameters only some modes use; given with another mode they are refused, not ignored.
 MODE_PARAMETERS: dict[str, set[str]] = {"static": {"calibration_batches"}, "qat": {"epochs", "lr"}}
@@ -173,14 +172,12 @@ def calibrate(prepared: nn.Module, train_loader: Iterable, batches: int) -> int:
 
 
 def convert_graph(prepared: torch.fx.GraphModule, mode: str) -> torch.fx.GraphModule:
-    """Swap observed layers for INT8 kernels, and make the result picklable."""
+    """Swap observed layers for INT8 kernels (``save_torch_module`` makes the result picklable)."""
     try:
         with TORCH_GRAPH_LOCK:
             converted = convert_fx(prepared.eval())
     except Exception as error:  # a pattern torch could observe but not lower to quantized ops
         raise graph_mode_failure(mode, "convert", error) from error
-    drop_string_annotations(converted.graph)
-    converted.recompile()
     return converted
 
 
