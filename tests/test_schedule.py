@@ -97,8 +97,13 @@ def test_schedule_serves_a_cron_deployment_that_runs_a_night(prefect_server_proc
         deployment = wait_for(listed, 90, "the served deployment to be registered", interval=2)
         assert deployment["schedules"] == [{"cron": "0 2 * * *", "timezone": "Europe/Berlin", "active": True}]
         assert deployment["parameters"] == {"recipe_path": str(NIGHTLY_RECIPE), "checkpoints": str(checkpoints), "store_root": str(store)}
-        scheduled = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}}, timeout=10).json()
-        assert scheduled and all(run["state_type"] == "SCHEDULED" for run in scheduled), "the server schedules the coming nights"
+
+        def scheduled_nights():
+            # the server's scheduler services create the coming runs a few seconds after registration, not at once
+            return httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}}, timeout=10).json()
+
+        scheduled = wait_for(scheduled_nights, 60, "the server to schedule the coming nights", interval=1)
+        assert all(run["state_type"] == "SCHEDULED" for run in scheduled), [run["state_type"] for run in scheduled]
 
         flow_run = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
 
