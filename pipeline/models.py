@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.fx
 
+import pipeline.quantized_pickle  # noqa: F401  (registers the pickling of quantized convs)
 from pipeline.errors import StageError
 from pipeline.imports import resolve_callable
 

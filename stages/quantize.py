@@ -16,7 +16,6 @@ The result is pickled whole, loaded back from disk and compared with the input m
 
 from __future__ import annotations
 
-import copyreg
 import itertools
 import traceback
 import warnings
@@ -25,11 +24,9 @@ from collections import Counter
 from typing import Any, Iterable, Literal
 
 import torch
-import torch.ao.nn.intrinsic.quantized  # noqa: F401  (defines the fused quantized conv classes registered below)
 from pydantic import Field, model_validator
 from torch import nn
 from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase, RNNCellBase
-from torch.ao.nn.quantized.modules.conv import _ConvNd as QuantizedConv
 from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
 from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping, quantize_dynamic
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
@@ -88,33 +85,6 @@ warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.q
 warnings.filterwarnings("ignore", message=r"Please use quant_min and quant_max to specify the range for observers", category=UserWarning)
 # torch.load rebuilds quantized tensors through its own deprecated TypedStorage.
 warnings.filterwarnings("ignore", message=r"TypedStorage is deprecated", category=UserWarning)
-
-
-def rebuild_quantized_conv(cls: type[QuantizedConv], state: tuple) -> QuantizedConv:
-    """Unpickle a quantized conv the way its own ``__deepcopy__`` builds one: Module init, then its state."""
-    module = cls.__new__(cls)
-    nn.Module.__init__(module)
-    module.__setstate__(state)
-    return module
-
-
-def reduce_quantized_conv(module: QuantizedConv) -> tuple[Any, tuple]:
-    """Pickle a quantized conv as its class and ``__getstate__`` tuple (weights, scale, zero point, shape)."""
-    return rebuild_quantized_conv, (type(module), module.__getstate__())
-
-
-def subclasses(cls: type) -> Iterable[type]:
-    """Every subclass of ``cls``, at any depth."""
-    for subclass in cls.__subclasses__():
-        yield subclass
-        yield from subclasses(subclass)
-
-
-# torch's quantized convs cannot be pickled whole (pytorch/pytorch#25137, still open): their tuple
-# __setstate__ runs on a Module never initialised, so the loaded conv has no `_modules` and a quantized
-# GraphModule fails to unpickle. Pickle them through their own state instead.
-for quantized_conv_class in (QuantizedConv, *subclasses(QuantizedConv)):
-    copyreg.pickle(quantized_conv_class, reduce_quantized_conv)
 
 
 def use_x86_engine() -> None:
