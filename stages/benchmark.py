@@ -1,8 +1,14 @@
 """Benchmark every variant on the runtime it belongs to, with the FP32 baseline measured in the same run.
 
 For each input variant and the baseline: after warm-up, median and p95 latency at each batch size,
-throughput, file size and the peak resident memory while it ran. Every figure is also given as a ratio
-to the baseline measured here, so runs on different machines stay comparable.
+throughput, file size, and the process's peak resident memory while the model loaded and ran its
+largest batch. Every figure is also given as a ratio to the baseline measured here, so runs on
+different machines stay comparable.
+
+Timing is interleaved: each batch size is timed in ``rounds`` passes, and every pass times the baseline
+and then each variant. On a shared machine whose speed drifts by 10-20% over a minute, drift then lands
+on every model alike instead of on whichever happened to be timed while the machine was busy, so the
+ratios hold steadier than the absolute figures.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from pipeline.stage import StageContext, StageOutput, StageParams
 takes = ("torch", "onnx", "engine")
 inputs = "many"
 makes = "report"
-version = 2
+version = 3
 # Timings are only meaningful with nothing else running: the plan starts this stage after all others.
 runs_alone = True
 
 REPORT_FILE = "benchmark.json"
+# The key the baseline is timed under: not a valid stage name, so no input variant can take it.
+BASELINE_KEY = "<baseline>"
 RUNTIMES = {"torch": "torch eager (CPU)", "onnx": "onnxruntime (CPU)", "engine": "TensorRT (CUDA)"}
 
 
@@ -38,6 +46,11 @@ class Params(StageParams):
     iterations: int = Field(default=20, ge=3, description="fewest timed runs per batch size (median and p95 over them)")
     min_seconds: float = Field(
         default=1.0, ge=0, description="keep timing each batch size until this much time is spent too (steadies sub-ms models)"
+    )
+
+    rounds: int = Field(
+        default=3, ge=1, description="interleaved timing passes over the baseline and every variant; "
+        "iterations and min_seconds are shared out among them"
     )
 
     @field_validator("batch_sizes")
@@ -53,37 +66,54 @@ def batch_of(eval_inputs: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(eval_inputs[np.arange(size) % len(eval_inputs)])
 
 
-def time_runner(runner: Runner, batch: np.ndarray, params: Params) -> dict[str, float]:
-    """Median and p95 latency (ms) and throughput (samples/s) of ``runner`` on one batch."""
-    for _ in range(params.warmup):
-        runner.predict(batch)
-    seconds: list[float] = []
-    while len(seconds) < params.iterations or sum(seconds) < params.min_seconds:
+def timed_calls(runner: Runner, batch: np.ndarray, calls: int, seconds: float) -> list[float]:
+    """Seconds per call of ``calls`` or more timed calls, until ``seconds`` have passed too."""
+    timings: list[float] = []
+    while len(timings) < calls or sum(timings) < seconds:
         started = time.perf_counter()
         runner.predict(batch)
-        seconds.append(time.perf_counter() - started)
-    median = statistics.median(seconds)
+        timings.append(time.perf_counter() - started)
+    return timings
+
+
+def summarize(timings: list[float], batch_size: int) -> dict[str, float]:
+    """Median and p95 latency (ms) and throughput (samples/s) of the pooled timings of one batch size."""
+    median = statistics.median(timings)
     return {
-        "runs": len(seconds),
-        "timed_seconds": sum(seconds),
+        "runs": len(timings),
+        "timed_seconds": sum(timings),
         "p50_ms": median * 1e3,
-        "p95_ms": float(np.percentile(seconds, 95)) * 1e3,
-        "throughput_per_s": len(batch) / median,
+        "p95_ms": float(np.percentile(timings, 95)) * 1e3,
+        "throughput_per_s": batch_size / median,
     }
 
 
-def measure(handle: ModelHandle, eval_inputs: np.ndarray, params: Params, label: str) -> dict[str, Any]:
-    """Every batch size for one model, plus its size and the peak memory while it ran."""
+def load_runner(handle: ModelHandle, largest_batch: np.ndarray) -> tuple[Runner, int]:
+    """The model's runner and the process's peak memory while loading it and predicting the largest batch."""
     with PeakRSS() as memory:
         runner = runner_for(handle)
-        batches = {str(size): time_runner(runner, batch_of(eval_inputs, size), params) for size in track(params.batch_sizes, f"benchmark {label}")}
-    return {
-        "kind": handle.kind,
-        "runtime": RUNTIMES.get(handle.kind, handle.kind),
-        "size_bytes": handle.size_bytes,
-        "peak_rss_bytes": memory.peak_bytes,
-        "batches": batches,
-    }
+        runner.predict(largest_batch)
+    return runner, memory.peak_bytes
+
+
+def time_interleaved(runners: dict[str, Runner], eval_inputs: np.ndarray, params: Params) -> dict[str, dict[str, Any]]:
+    """Per model and batch size, timings pooled over ``rounds`` passes that each time every model in turn."""
+    calls_per_round = -(-params.iterations // params.rounds)
+    seconds_per_round = params.min_seconds / params.rounds
+    figures: dict[str, dict[str, Any]] = {name: {} for name in runners}
+    for size in params.batch_sizes:
+        batch = batch_of(eval_inputs, size)
+        timings: dict[str, list[float]] = {name: [] for name in runners}
+        for runner in runners.values():
+            for _ in range(params.warmup):
+                runner.predict(batch)
+        for _ in track(range(params.rounds), f"benchmark batch {size}"):
+            for name, runner in runners.items():
+                runner.predict(batch)  # one untimed call: the model timed before this one had the caches
+                timings[name] += timed_calls(runner, batch, calls_per_round, seconds_per_round)
+        for name, pooled in timings.items():
+            figures[name][str(size)] = summarize(pooled, size)
+    return figures
 
 
 def with_ratios(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
@@ -96,18 +126,34 @@ def with_ratios(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, A
 
 
 def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
-    """Time the baseline, then every input variant, on the same eval rows and thread count."""
+    """Time the baseline and every input variant, interleaved, on the same eval rows and thread count."""
     eval_inputs = ctx.data.eval_arrays[0]
-    baseline = measure(ctx.baseline, eval_inputs, params, ctx.baseline_name)
-    variants = {name: with_ratios(measure(handle, eval_inputs, params, name), baseline) for name, handle in zip(ctx.input_names, inputs)}
+    handles = {BASELINE_KEY: ctx.baseline, **dict(zip(ctx.input_names, inputs))}
+    largest = batch_of(eval_inputs, max(params.batch_sizes))
+    runners, peaks = {}, {}
+    for name, handle in track(handles.items(), "benchmark: load"):
+        runners[name], peaks[name] = load_runner(handle, largest)
+    batches = time_interleaved(runners, eval_inputs, params)
+    results = {
+        name: {
+            "kind": handle.kind,
+            "runtime": RUNTIMES.get(handle.kind, handle.kind),
+            "size_bytes": handle.size_bytes,
+            "peak_rss_bytes": peaks[name],
+            "batches": batches[name],
+        }
+        for name, handle in handles.items()
+    }
+    baseline = results.pop(BASELINE_KEY)
     report = {
         "baseline_stage": ctx.baseline_name,
         "threads": torch.get_num_threads(),
         "warmup": params.warmup,
         "min_iterations": params.iterations,
         "min_seconds": params.min_seconds,
+        "rounds": params.rounds,
         "baseline": with_ratios(baseline, baseline),
-        "variants": variants,
+        "variants": {name: with_ratios(result, baseline) for name, result in results.items()},
     }
     path = ctx.workdir / REPORT_FILE
     path.write_text(json.dumps(report, indent=2))

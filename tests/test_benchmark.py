@@ -50,3 +50,37 @@ def test_benchmark_waits_for_every_other_stage():
     plan = load_recipe(REPO_ROOT / "recipes" / "demo.yaml")
     assert set(plan.waits_for("bench")) == set(plan.order) - {"bench"}
     assert "bench" not in plan.waits_for("check")
+
+
+class RecordingRunner:
+    """Stands in for a model's runner and logs which model each call went to."""
+
+    def __init__(self, name: str, calls: list[str]):
+        self.name, self.calls = name, calls
+
+    def predict(self, inputs):
+        self.calls.append(self.name)
+        return inputs
+
+
+def test_rounds_interleave_the_baseline_and_every_variant(monkeypatch, tmp_path):
+    calls: list[str] = []
+    monkeypatch.setattr(benchmark, "runner_for", lambda handle: RecordingRunner(handle.path.parent.name, calls))
+    handles = {}
+    for name in ("baseline", "a", "b"):
+        (tmp_path / name).mkdir()
+        handles[name] = save_torch_module(digits_cnn(width=4), tmp_path / name)
+    (tmp_path / "work").mkdir()
+    data = build_data(RECIPE.data, [1, 1, 8, 8])
+    context = StageContext(
+        name="bench", workdir=tmp_path / "work", recipe=RECIPE, checkpoint_path=None, load_data=lambda: data,
+        input_names=["a", "b"], baseline=handles["baseline"], baseline_name="load",
+    )
+    params = benchmark.Params(batch_sizes=[2], warmup=0, iterations=6, min_seconds=0, rounds=3)
+    metrics = benchmark.run(context, [handles["a"], handles["b"]], params).metrics
+    # one load call each, then 3 rounds of (one untimed + 2 timed calls) per model, in turn
+    assert calls[:3] == ["baseline", "a", "b"]
+    turns = [name for index, name in enumerate(calls[3:]) if index % 3 == 0]
+    assert turns == ["baseline", "a", "b"] * 3
+    assert metrics["rounds"] == 3 and metrics["variants"]["b"]["batches"]["2"]["runs"] == 6
+    assert metrics["baseline"]["batches"]["2"]["runs"] == 6
