@@ -131,6 +131,7 @@ def command_diff(args: argparse.Namespace) -> int:
     comparison = compare_runs(
         store.resolve_run(args.run_a), store.resolve_run(args.run_b),
         max_accuracy_drop=args.max_accuracy_drop, max_latency_increase=args.max_latency_increase,
+        latency_basis=args.latency_basis,
     )
     if args.json:
         _print_json(comparison)
@@ -323,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("run_b")
     diff.add_argument("--max-accuracy-drop", type=float, default=0.0, help="top-1 drop (fraction) flagged as a regression")
     diff.add_argument("--max-latency-increase", type=float, default=None, help="latency growth (fraction) flagged as a regression")
+    diff.add_argument(
+        "--latency-basis", choices=["baseline", "absolute"], default="baseline",
+        help="judge latency as a multiple of the FP32 baseline timed in the same run (default: cancels machine-load "
+        "drift between runs) or in absolute milliseconds",
+    )
     diff.add_argument("--json", action="store_true")
     report = add("report", command_report, "write a run's review page: HTML with plots, or Markdown for PR comments")
     report.add_argument("run", help="run id, unique prefix, or 'latest'")

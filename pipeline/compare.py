@@ -4,19 +4,25 @@ Built only from run records (DESIGN.md "Contracts scripts rely on") and the arti
 they point to; no model is loaded. Stages and variants are matched by name, so two runs of
 different recipes can be compared. Accuracy comes from ``validate`` stages, latency (batch 1
 median) from ``benchmark`` stages.
+
+Latency is judged relative to the FP32 baseline timed in the same benchmark run by default
+(``latency_basis="baseline"``): a shared machine's speed drifts by tens of percent between two
+runs minutes apart, and the ratio to a baseline timed alongside cancels that drift. ``"absolute"``
+compares milliseconds, for quiet dedicated machines or when the baseline itself may change speed.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.table import Table
 
 from pipeline.report import format_bytes
 
 LATENCY_BATCH = "1"
+LatencyBasis = Literal["baseline", "absolute"]
 
 
 def _manifest_params(stage: dict[str, Any] | None) -> dict[str, Any]:
@@ -64,21 +70,37 @@ def _validated(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _latencies(record: dict[str, Any]) -> dict[str, float]:
-    """Batch-1 p50 latency (ms) per variant from ``benchmark`` stages (baseline included)."""
-    found: dict[str, float] = {}
+def _latencies(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per variant (baseline included), from ``benchmark`` stages: batch-1 p50 latency in ms (``ms``) and
+    as a fraction of the baseline's p50 timed in the same stage (``vs_baseline``)."""
+    found: dict[str, dict[str, float]] = {}
     for stage in record.get("stages", []):
         if stage.get("uses") != "benchmark" or not stage.get("metrics"):
             continue
         metrics = stage["metrics"]
+        p50 = lambda values: ((values or {}).get("batches") or {}).get(LATENCY_BATCH, {}).get("p50_ms")  # noqa: E731
         entries = dict(metrics.get("variants", {}))
         if metrics.get("baseline_stage") and metrics.get("baseline"):
             entries.setdefault(metrics["baseline_stage"], metrics["baseline"])
+        baseline_ms = p50(metrics.get("baseline"))
         for name, values in entries.items():
-            p50 = ((values or {}).get("batches") or {}).get(LATENCY_BATCH, {}).get("p50_ms")
-            if p50 is not None:
-                found.setdefault(name, float(p50))
+            if p50(values) is not None and baseline_ms:
+                found.setdefault(name, {"ms": float(p50(values)), "vs_baseline": float(p50(values)) / float(baseline_ms)})
     return found
+
+
+def _latency_growth(a: dict[str, float] | None, b: dict[str, float] | None, basis: LatencyBasis, limit: float) -> str | None:
+    """The regression line when the latency grew more than ``limit`` on ``basis``, else None."""
+    if not a or not b:
+        return None
+    key = "vs_baseline" if basis == "baseline" else "ms"
+    growth = b[key] / a[key] - 1
+    if growth <= limit:
+        return None
+    measured = f"{a['ms']:.3f} ms -> {b['ms']:.3f} ms"
+    if basis == "baseline":
+        measured = f"{a['vs_baseline']:.3f}x -> {b['vs_baseline']:.3f}x the FP32 baseline's time in the same run; {measured}"
+    return f"latency grew {growth:+.1%} ({measured}), allowed +{limit:.1%}"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -90,14 +112,15 @@ def compare_runs(
     record_b: dict[str, Any],
     max_accuracy_drop: float = 0.0,
     max_latency_increase: float | None = None,
+    latency_basis: LatencyBasis = "baseline",
 ) -> dict[str, Any]:
     """Compare run A (reference) with run B; returns a JSON-serializable dict.
 
     Keys: ``runs`` (id and recipe name of each), ``stages`` (matched by name), ``variants`` (from
     validate / benchmark metrics) and ``regressions`` (one line each). A variant regresses when its
     top-1 dropped by more than ``max_accuracy_drop`` (fraction), its batch-1 latency grew by more
-    than ``max_latency_increase`` (fraction; only when both are known and the limit is set), or it
-    was accepted in A and rejected in B.
+    than ``max_latency_increase`` (fraction, on ``latency_basis``; only when both are known and the
+    limit is set), or it was accepted in A and rejected in B.
     """
     stages_a, stages_b = _stages_by_name(record_a), _stages_by_name(record_b)
     names = list(stages_a) + [name for name in stages_b if name not in stages_a]
@@ -117,13 +140,9 @@ def compare_runs(
                 f"top-1 dropped {(top1_a - top1_b) * 100:.2f} points ({top1_a:.2%} -> {top1_b:.2%}), "
                 f"allowed {max_accuracy_drop * 100:.2f}"
             )
-        if max_latency_increase is not None and latency_a and latency_b is not None:
-            growth = latency_b / latency_a - 1
-            if growth > max_latency_increase:
-                reasons.append(
-                    f"latency grew {growth:+.1%} ({latency_a:.3f} ms -> {latency_b:.3f} ms), "
-                    f"allowed +{max_latency_increase:.1%}"
-                )
+        if max_latency_increase is not None:
+            grew = _latency_growth(latency_a, latency_b, latency_basis, max_latency_increase)
+            reasons += [grew] if grew else []
         if va.get("status") == "accepted" and vb.get("status") == "rejected":
             reasons.append("accepted in A, rejected in B")
         regressions += [f"{name}: {reason}" for reason in reasons]
@@ -139,16 +158,18 @@ def compare_runs(
             "size_a": va.get("size_bytes"),
             "size_b": vb.get("size_bytes"),
             "size_ratio": _ratio(va.get("size_bytes"), vb.get("size_bytes")),
-            "latency_ms_a": latency_a,
-            "latency_ms_b": latency_b,
-            "latency_ratio": _ratio(latency_a, latency_b),
+            "latency_ms_a": (latency_a or {}).get("ms"),
+            "latency_ms_b": (latency_b or {}).get("ms"),
+            "latency_ratio": _ratio((latency_a or {}).get("ms"), (latency_b or {}).get("ms")),
+            "latency_vs_baseline_a": (latency_a or {}).get("vs_baseline"),
+            "latency_vs_baseline_b": (latency_b or {}).get("vs_baseline"),
             "regression": reasons,
         })
 
     def _run(record: dict[str, Any]) -> dict[str, Any]:
         return {"run_id": record.get("run_id"), "recipe": (record.get("recipe") or {}).get("name")}
 
-    return {"runs": {"a": _run(record_a), "b": _run(record_b)}, "stages": stages,
+    return {"runs": {"a": _run(record_a), "b": _run(record_b)}, "stages": stages, "latency_basis": latency_basis,
             "variants": variants, "regressions": regressions}
 
 
@@ -173,7 +194,8 @@ def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
         )
 
     variants = Table(title=f"variants · {title}")
-    headers = ("variant", "top-1 A", "top-1 B", "Δ top-1", "agreement", "size A → B", "p50 ms @1 A → B", "regression")
+    headers = ("variant", "top-1 A", "top-1 B", "Δ top-1", "agreement", "size A → B", "p50 ms @1 A → B",
+               "× FP32 time A → B", "regression")
     for header in headers:
         variants.add_column(header, justify="left" if header in ("variant", "regression") else "right", overflow="fold")
     pct = lambda value: f"{value:.2%}"  # noqa: E731
@@ -187,6 +209,7 @@ def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
             _pair(row["agreement_a"], row["agreement_b"], pct),
             _pair(row["size_a"], row["size_b"], format_bytes),
             _pair(row["latency_ms_a"], row["latency_ms_b"], lambda value: f"{value:.3f}"),
+            _pair(row["latency_vs_baseline_a"], row["latency_vs_baseline_b"], lambda value: f"{value:.3f}"),
             "REGRESSION: " + "; ".join(row["regression"]) if row["regression"] else "ok",
             style="red" if row["regression"] else None,
         )

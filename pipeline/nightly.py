@@ -122,6 +122,7 @@ def judge(record: dict[str, Any], reference: dict[str, Any] | None, regression: 
     comparison = compare_runs(
         reference, record,
         max_accuracy_drop=regression.max_accuracy_drop, max_latency_increase=regression.max_latency_increase,
+        latency_basis=regression.latency_basis,
     )
     return {"reference_run": reference["run_id"], "regressions": comparison["regressions"], "comparison": comparison}
 

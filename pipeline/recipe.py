@@ -83,6 +83,12 @@ class RegressionSpec(StrictModel):
         default=0.5, ge=0.0,
         description="largest growth of a variant's batch-1 median latency (fraction: 0.5 = +50%); null turns the check off",
     )
+    latency_basis: Literal["baseline", "absolute"] = Field(
+        default="baseline",
+        description="baseline: latency as a multiple of the FP32 baseline timed in the same run, which cancels the "
+        "machine's speed drift between nights; absolute: milliseconds, for a quiet dedicated machine or when the "
+        "checkpoint's own architecture (and so the baseline's speed) may change",
+    )
 
 
 class NightlySpec(StrictModel):

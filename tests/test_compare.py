@@ -33,13 +33,14 @@ def _validate_metrics(onnx_top1=0.972, onnx_status="accepted"):
             "rejected": {} if onnx_status == "accepted" else {"onnx": "too much"}}
 
 
-def _bench_metrics(onnx_ms=0.5):
+def _bench_metrics(onnx_ms=0.5, machine_slowdown=1.0):
     def entry(ms):
-        return {"batches": {"1": {"p50_ms": ms, "p95_ms": ms * 2}}, "speedup_vs_baseline": {"1": 1.0}}
+        ms *= machine_slowdown
+        return {"batches": {"1": {"p50_ms": ms, "p95_ms": ms * 2}}, "speedup_vs_baseline": {"1": machine_slowdown / ms}}
     return {"baseline_stage": "load", "baseline": entry(1.0), "variants": {"fused": entry(0.8), "onnx": entry(onnx_ms)}}
 
 
-def _record(tmp_path, run_id="run-a", recipe="demo", opset=18, onnx_top1=0.972, onnx_ms=0.5, bench=True):
+def _record(tmp_path, run_id="run-a", recipe="demo", opset=18, onnx_top1=0.972, onnx_ms=0.5, bench=True, machine_slowdown=1.0):
     onnx_key = f"onnx-{opset}"
     stages = [
         _stage(tmp_path, "load", "load_checkpoint", "k-load", {"strict": True}),
@@ -49,8 +50,8 @@ def _record(tmp_path, run_id="run-a", recipe="demo", opset=18, onnx_top1=0.972, 
                _validate_metrics(onnx_top1)),
     ]
     if bench:
-        stages.append(_stage(tmp_path, "bench", "benchmark", f"k-bench-{onnx_ms}", {"iterations": 30},
-                             _bench_metrics(onnx_ms)))
+        stages.append(_stage(tmp_path, "bench", "benchmark", f"k-bench-{onnx_ms}-{machine_slowdown}", {"iterations": 30},
+                             _bench_metrics(onnx_ms, machine_slowdown)))
     return {"run_id": run_id, "recipe": {"name": recipe, "path": f"{recipe}.yaml", "digest": "d"},
             "checkpoint": {"path": "m.pt", "sha256": "s"}, "state": "succeeded", "stages": stages}
 
@@ -109,6 +110,25 @@ def test_latency_regression(tmp_path):
     result = compare_runs(a, no_bench, max_latency_increase=0.0)
     assert result["regressions"] == []
     assert next(v for v in result["variants"] if v["variant"] == "onnx")["latency_ms_b"] is None
+
+
+def test_machine_drift_is_no_regression_relative_to_the_baseline_timed_alongside(tmp_path):
+    # run B ran on a busier machine: every model, the FP32 baseline included, took 1.6x as long
+    a, b = _record(tmp_path), _record(tmp_path, run_id="run-b", machine_slowdown=1.6)
+    assert compare_runs(a, b, max_latency_increase=0.5)["regressions"] == []
+    onnx = next(v for v in compare_runs(a, b)["variants"] if v["variant"] == "onnx")
+    assert onnx["latency_ms_b"] == 0.8 and onnx["latency_vs_baseline_a"] == onnx["latency_vs_baseline_b"] == 0.5
+    absolute = compare_runs(a, b, max_latency_increase=0.5, latency_basis="absolute")["regressions"]
+    assert absolute == [
+        "fused: latency grew +60.0% (0.800 ms -> 1.280 ms), allowed +50.0%",
+        "onnx: latency grew +60.0% (0.500 ms -> 0.800 ms), allowed +50.0%",
+    ]
+    # a variant that really slowed, on the same drifting machine, is still caught
+    slower = _record(tmp_path, run_id="run-c", onnx_ms=1.0, machine_slowdown=1.6)
+    assert compare_runs(a, slower, max_latency_increase=0.5)["regressions"] == [
+        "onnx: latency grew +100.0% (0.500x -> 1.000x the FP32 baseline's time in the same run; 0.500 ms -> 1.600 ms), "
+        "allowed +50.0%"
+    ]
 
 
 def test_accepted_then_rejected_is_regression(tmp_path):
