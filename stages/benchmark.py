@@ -8,7 +8,8 @@ different machines stay comparable.
 Timing is interleaved: each batch size is timed in ``rounds`` passes, and every pass times the baseline
 and then each variant. On a shared machine whose speed drifts by 10-20% over a minute, drift then lands
 on every model alike instead of on whichever happened to be timed while the machine was busy, so the
-ratios hold steadier than the absolute figures.
+ratios hold steadier than the absolute figures. The price: every model stays loaded until the stage
+ends, so it needs the memory of all of them at once.
 """
 
 from __future__ import annotations
