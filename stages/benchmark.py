@@ -91,9 +91,8 @@ def summarize(timings: list[float], batch_size: int) -> dict[str, float]:
 
 def load_runner(handle: ModelHandle, largest_batch: np.ndarray) -> tuple[Runner, dict[str, int]]:
     """The model's runner, and the resident memory while loading it and predicting the largest batch: the
-    process's peak (``peak_rss_bytes``, which also counts the models loaded before it) and how far that
-    rose above where it started (``rss_added_bytes``: about the model's own footprint, less whatever it
-    reused of memory the process had already freed, so small models can show only a few KiB)."""
+    process's peak (``peak_rss_bytes``) and how far that rose above where it started (``rss_added_bytes``,
+    the model's own footprint; the process peak also counts the models loaded before it)."""
     with PeakRSS() as memory:
         runner = runner_for(handle)
         runner.predict(largest_batch)
