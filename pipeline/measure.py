@@ -38,7 +38,6 @@ class PeakRSS:
 
     def __init__(self, interval_seconds: float = 0.02):
         self.interval_seconds = interval_seconds
-        self.start_bytes = 0
         self.peak_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -48,13 +47,8 @@ class PeakRSS:
             self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
             self._stop.wait(self.interval_seconds)
 
-    @property
-    def added_bytes(self) -> int:
-        """How far the peak rose above the resident memory at the start: what the measured work itself needed."""
-        return max(0, self.peak_bytes - self.start_bytes)
-
     def __enter__(self) -> "PeakRSS":
-        self.start_bytes = self.peak_bytes = current_rss_bytes()
+        self.peak_bytes = current_rss_bytes()
         self._thread.start()
         return self
 

@@ -1,9 +1,9 @@
 """Benchmark every variant on the runtime it belongs to, with the FP32 baseline measured in the same run.
 
 For each input variant and the baseline: after warm-up, median and p95 latency at each batch size,
-throughput, file size, and the resident memory the model added while it loaded and ran its largest
-batch (with the process's peak then). Every figure is also given as a ratio to the baseline measured
-here, so runs on different machines stay comparable.
+throughput, file size, and the process's peak resident memory while the model loaded and ran its
+largest batch. Every figure is also given as a ratio to the baseline measured here, so runs on
+different machines stay comparable.
 
 Timing is interleaved: each batch size is timed in ``rounds`` passes, and every pass times the baseline
 and then each variant. On a shared machine whose speed drifts by 10-20% over a minute, drift then lands
@@ -89,14 +89,12 @@ def summarize(timings: list[float], batch_size: int) -> dict[str, float]:
     }
 
 
-def load_runner(handle: ModelHandle, largest_batch: np.ndarray) -> tuple[Runner, dict[str, int]]:
-    """The model's runner, and the resident memory while loading it and predicting the largest batch: the
-    process's peak (``peak_rss_bytes``) and how far that rose above where it started (``rss_added_bytes``,
-    the model's own footprint; the process peak also counts the models loaded before it)."""
+def load_runner(handle: ModelHandle, largest_batch: np.ndarray) -> tuple[Runner, int]:
+    """The model's runner and the process's peak memory while loading it and predicting the largest batch."""
     with PeakRSS() as memory:
         runner = runner_for(handle)
         runner.predict(largest_batch)
-    return runner, {"peak_rss_bytes": memory.peak_bytes, "rss_added_bytes": memory.added_bytes}
+    return runner, memory.peak_bytes
 
 
 def time_interleaved(runners: dict[str, Runner], eval_inputs: np.ndarray, params: Params) -> dict[str, dict[str, Any]]:
@@ -133,16 +131,16 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
     eval_inputs = ctx.data.eval_arrays[0]
     handles = {BASELINE_KEY: ctx.baseline, **dict(zip(ctx.input_names, inputs))}
     largest = batch_of(eval_inputs, max(params.batch_sizes))
-    runners, memory = {}, {}
+    runners, peaks = {}, {}
     for name, handle in track(handles.items(), "benchmark: load"):
-        runners[name], memory[name] = load_runner(handle, largest)
+        runners[name], peaks[name] = load_runner(handle, largest)
     batches = time_interleaved(runners, eval_inputs, params)
     results = {
         name: {
             "kind": handle.kind,
             "runtime": RUNTIMES.get(handle.kind, handle.kind),
             "size_bytes": handle.size_bytes,
-            **memory[name],
+            "peak_rss_bytes": peaks[name],
             "batches": batches[name],
         }
         for name, handle in handles.items()
