@@ -72,20 +72,21 @@ def _validated(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _latencies(record: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per variant (baseline included), from ``benchmark`` stages: batch-1 p50 latency in ms (``ms``) and
-    as a fraction of the baseline's p50 timed in the same stage (``vs_baseline``)."""
+    as a fraction of the baseline's p50 timed in the same stage (``vs_baseline``, the inverse of the
+    stage's own ``speedup_vs_baseline``)."""
     found: dict[str, dict[str, float]] = {}
     for stage in record.get("stages", []):
         if stage.get("uses") != "benchmark" or not stage.get("metrics"):
             continue
         metrics = stage["metrics"]
-        p50 = lambda values: ((values or {}).get("batches") or {}).get(LATENCY_BATCH, {}).get("p50_ms")  # noqa: E731
         entries = dict(metrics.get("variants", {}))
         if metrics.get("baseline_stage") and metrics.get("baseline"):
             entries.setdefault(metrics["baseline_stage"], metrics["baseline"])
-        baseline_ms = p50(metrics.get("baseline"))
         for name, values in entries.items():
-            if p50(values) is not None and baseline_ms:
-                found.setdefault(name, {"ms": float(p50(values)), "vs_baseline": float(p50(values)) / float(baseline_ms)})
+            p50 = ((values or {}).get("batches") or {}).get(LATENCY_BATCH, {}).get("p50_ms")
+            speedup = ((values or {}).get("speedup_vs_baseline") or {}).get(LATENCY_BATCH)
+            if p50 is not None and speedup:
+                found.setdefault(name, {"ms": float(p50), "vs_baseline": 1 / float(speedup)})
     return found
 
 
