@@ -1,9 +1,11 @@
 """Prefect flows: ``optimize`` runs one recipe on one checkpoint as a DAG of Prefect tasks.
 
-The work lives in ``pipeline.session.RunSession``; this module only maps stages onto tasks, so
-independent branches run concurrently, each stage shows as a task run in the Prefect UI, and the
-run's variant metrics and summary are published as Prefect artifacts. ``nightly`` wraps ``optimize`` for
-scheduled runs: newest checkpoint in, regressions against the last good night out.
+The rules of a run live in ``pipeline.run.engine.run_plan``; this module hands each stage to a Prefect
+task with plain arguments (``StageCall``: recipe path, store root, stage name, upstream artifact keys), so
+independent branches run concurrently, each stage shows as a task run in the Prefect UI, and the task
+runner is a choice, not a rewrite. The run's variant metrics and summary are published as Prefect
+artifacts. ``nightly`` wraps ``optimize`` for scheduled runs: newest checkpoint in, regressions against
+the last good night out.
 """
 
 from __future__ import annotations
@@ -23,46 +25,59 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from pipeline.errors import OptipipeError  # noqa: E402
-from pipeline.nightly import judge, latest_reference, newest_checkpoint, record_night  # noqa: E402
+from pipeline.nightly.checkpoints import newest_checkpoint  # noqa: E402
+from pipeline.nightly.promotion import judge, latest_reference, record_night  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
-from pipeline.report import variant_rows  # noqa: E402
-from pipeline.report_page import markdown_summary  # noqa: E402
-from pipeline.session import RunSession, new_run_id  # noqa: E402
-from pipeline.store import ArtifactStore  # noqa: E402
+from pipeline.records.models import StageResult  # noqa: E402
+from pipeline.records.store import ArtifactStore  # noqa: E402
+from pipeline.review.page import markdown_summary  # noqa: E402
+from pipeline.review.tables import variant_rows  # noqa: E402
+from pipeline.run.engine import run_plan  # noqa: E402
+from pipeline.run.executor import StageCall, execute  # noqa: E402
+from pipeline.run.record import new_run_id  # noqa: E402
 
 DEFAULT_STORE = "artifacts"
 MAX_CONCURRENT_STAGES = 4
 
 
-@task(task_run_name="{name}", cache_policy=NO_CACHE, retries=0)
-def run_stage(session: RunSession, name: str) -> Any:
-    """One recipe stage as a Prefect task; a stage reused from the store ends in a state named ``Cached``.
+@task(task_run_name="{stage}", cache_policy=NO_CACHE, retries=0)
+def run_stage(stage: str, call: dict[str, Any]) -> Any:
+    """One recipe stage as a Prefect task; its state is named ``Cached`` or ``Skipped`` where that applies.
 
-    A failing stage ends Failed with its one-line message (the session already recorded it), so the
-    log shows the reason rather than a traceback; downstream tasks then never start.
+    A failed stage ends Failed with its one-line reason; an internal error also puts its traceback in
+    the task's log. The StageResult travels back as the state's data either way.
     """
-    try:
-        result = session.execute(name)
-    except OptipipeError as error:
-        return Failed(message=str(error))
+    result = execute(StageCall.from_dict(call))
     logger = get_run_logger()
+    record = result.model_dump(mode="json")
+    if result.state == "failed":
+        if result.log:
+            logger.error("%s: internal error\n%s", stage, Path(result.log).read_text(encoding="utf-8"))
+        return Failed(message=result.reason, data=record)
     if result.state == "skipped":
-        logger.warning("%s: skipped: %s", name, result.reason)
-        return Completed(name="Skipped", message=result.reason, data=result.as_record())
+        logger.warning("%s: skipped: %s", stage, result.reason)
+        return Completed(name="Skipped", message=result.reason, data=record)
     if result.state == "cached":
-        logger.info("%s: reused cached artifact %s", name, result.key[:12])
-        return Completed(name="Cached", message=f"reused artifact {result.key[:12]}", data=result.as_record())
-    logger.info("%s: done in %.2fs -> artifact %s", name, result.seconds, result.key[:12])
-    return result.as_record()
+        logger.info("%s: reused cached artifact %s", stage, result.key[:12])
+        return Completed(name="Cached", message=f"reused artifact {result.key[:12]}", data=record)
+    logger.info("%s: done in %.2fs -> artifact %s", stage, result.seconds, result.key[:12])
+    return Completed(data=record)
 
 
-def _first_unfinished_upstream(session: RunSession, name: str) -> str:
-    for upstream in session.plan.waits_for(name):
-        upstream_result = session.results.get(upstream)
-        if upstream_result is None or upstream_result.state in ("failed", "skipped"):
-            return upstream
-    return "an upstream stage"
+class TaskResult:
+    """A submitted ``run_stage`` task as ``run_plan`` waits on it: ``result()`` is the stage's StageResult."""
+
+    def __init__(self, future: Any):
+        self.future = future
+
+    def result(self) -> StageResult:
+        self.future.wait()
+        return StageResult.model_validate(self.future.state.result(raise_on_failure=False))
+
+
+def submit_task(call: StageCall) -> TaskResult:
+    """Hand one stage to the flow's task runner."""
+    return TaskResult(run_stage.submit(call.stage, call.as_dict()))
 
 
 def _artifact_key(record: dict[str, Any], suffix: str) -> str:
@@ -97,17 +112,7 @@ def optimize(
 ) -> Any:
     """Run a recipe on a checkpoint; the flow run ends Failed when any stage failed or a variant was rejected."""
     plan = load_recipe(recipe_path, overrides)
-    session = RunSession(plan, ArtifactStore(store_root), Path(checkpoint_path), run_id)
-    session.start()
-    futures = {}
-    for name in plan.order:
-        upstream = [futures[needed] for needed in plan.waits_for(name)]
-        futures[name] = run_stage.submit(session, name, wait_for=upstream)
-    for name in plan.order:
-        futures[name].wait()
-        if name not in session.results:
-            session.skip(name, f"not run: upstream stage '{_first_unfinished_upstream(session, name)}' did not finish")
-    record = session.finish()
+    record = run_plan(plan, ArtifactStore(store_root), Path(checkpoint_path), overrides=overrides, run_id=run_id, submit=submit_task)
     _publish_artifacts(record)
     if record["state"] != "succeeded":
         return Failed(message=record["message"] or "some stages did not finish", data=record)

@@ -2,7 +2,7 @@
 
     python bench/compress.py [--out bench-out] [--models digits,digits32,resnet18]
 
-Each model goes through a real optipipe recipe (a run session, no Prefect, in a fresh store under
+Each model goes through a real optipipe recipe (``run_plan``, no Prefect, in a fresh store under
 ``--out``/work so nothing is reused from a cache and the artifacts stay for inspection): fuse, quantize (torch dynamic and static, onnxruntime static QDQ), export ONNX, and
 for models with real labels prune half the channels, distill from FP32 and quantize that. The recipe's
 ``benchmark`` stage times every variant after warm-up at batch 1 and 8 with the FP32 eager baseline
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,15 +28,15 @@ from rich.table import Table
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline.data import digits  # noqa: E402
-from pipeline.demo import train_demo_checkpoint  # noqa: E402
-from pipeline.recipe import load_recipe  # noqa: E402
-from pipeline.report import format_bytes  # noqa: E402
-from pipeline.report_page import html_report  # noqa: E402
-from pipeline.session import RunSession  # noqa: E402
-from pipeline.store import ArtifactStore  # noqa: E402
-from pipeline.train import train_classifier  # noqa: E402
 from pipeline import zoo  # noqa: E402
+from pipeline.recipe import load_recipe  # noqa: E402
+from pipeline.records.store import ArtifactStore  # noqa: E402
+from pipeline.review.page import html_report  # noqa: E402
+from pipeline.review.tables import format_bytes  # noqa: E402
+from pipeline.run.engine import run_plan  # noqa: E402
+from pipeline.torchkit.data import digits  # noqa: E402
+from pipeline.torchkit.demo_baseline import train_demo_checkpoint  # noqa: E402
+from pipeline.torchkit.train import train_classifier  # noqa: E402
 
 THREADS = 2
 BATCHES = ["1", "8"]
@@ -132,11 +132,7 @@ def run_recipe(bench_model: BenchModel, workdir: Path) -> dict[str, Any]:
     bench_model.make_checkpoint(checkpoint)
     recipe_path = workdir / f"{bench_model.name}.yaml"
     recipe_path.write_text(yaml.safe_dump(bench_model.recipe(), sort_keys=False))
-    session = RunSession(load_recipe(recipe_path), ArtifactStore(workdir / "store"), checkpoint)
-    session.start()
-    for name in session.plan.order:
-        session.execute(name)
-    return session.finish()
+    return run_plan(load_recipe(recipe_path), ArtifactStore(workdir / "store"), checkpoint)
 
 
 def collect(record: dict[str, Any]) -> list[dict[str, Any]]:

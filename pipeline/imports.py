@@ -1,10 +1,8 @@
-"""Resolve user references like ``mypkg.models:ResNet18`` to callables, and fingerprint their source."""
+"""Resolve user references like ``mypkg.models:ResNet18`` to callables, with a clear error for each way it fails."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -52,12 +50,3 @@ def resolve_callable(reference: str, field: str) -> Callable[..., Any]:
             f"{field}: '{module_name}' has no callable '{attribute}' (it has: {', '.join(public[:12])})"
         )
     return target
-
-
-def module_source_digest(reference: str) -> str:
-    """sha256 of the source file that defines ``reference``'s module, so edits to user code change cache keys."""
-    module_name, _ = split_reference(reference, "reference")
-    spec = importlib.util.find_spec(module_name)
-    if spec is None or not spec.origin or not Path(spec.origin).is_file():
-        return "unknown"
-    return hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()

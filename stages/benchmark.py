@@ -17,23 +17,18 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from pipeline.measure import PeakRSS
-from pipeline.models import ModelHandle, ReportFile, Runner, runner_for
 from pipeline.progress import track
-from pipeline.stage import StageContext, StageOutput, StageParams
-
-takes = ("torch", "onnx", "engine")
-inputs = "many"
-makes = "report"
-version = 3
-# Timings are only meaningful with nothing else running: the plan starts this stage after all others.
-runs_alone = True
+from pipeline.records.reports import BatchTiming, BenchmarkEntry, BenchmarkReport
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage
+from pipeline.run.measure import PeakRSS
+from pipeline.torchkit.handles import ModelHandle, ReportFile
+from pipeline.torchkit.runners import Runner, runner_for
 
 REPORT_FILE = "benchmark.json"
 # The key the baseline is timed under: not a valid stage name, so no input variant can take it.
@@ -77,16 +72,16 @@ def timed_calls(runner: Runner, batch: np.ndarray, calls: int, seconds: float) -
     return timings
 
 
-def summarize(timings: list[float], batch_size: int) -> dict[str, float]:
+def summarize(timings: list[float], batch_size: int) -> BatchTiming:
     """Median and p95 latency (ms) and throughput (samples/s) of the pooled timings of one batch size."""
     median = statistics.median(timings)
-    return {
-        "runs": len(timings),
-        "timed_seconds": sum(timings),
-        "p50_ms": median * 1e3,
-        "p95_ms": float(np.percentile(timings, 95)) * 1e3,
-        "throughput_per_s": batch_size / median,
-    }
+    return BatchTiming(
+        runs=len(timings),
+        timed_seconds=sum(timings),
+        p50_ms=median * 1e3,
+        p95_ms=float(np.percentile(timings, 95)) * 1e3,
+        throughput_per_s=batch_size / median,
+    )
 
 
 def load_runner(handle: ModelHandle, largest_batch: np.ndarray) -> tuple[Runner, int]:
@@ -102,11 +97,11 @@ def load_runner(handle: ModelHandle, largest_batch: np.ndarray) -> tuple[Runner,
     return runner, memory.peak_bytes
 
 
-def time_interleaved(runners: dict[str, Runner], eval_inputs: np.ndarray, params: Params) -> dict[str, dict[str, Any]]:
+def time_interleaved(runners: dict[str, Runner], eval_inputs: np.ndarray, params: Params) -> dict[str, dict[str, BatchTiming]]:
     """Per model and batch size, timings pooled over ``rounds`` passes that each time every model in turn."""
     calls_per_round = -(-params.iterations // params.rounds)
     seconds_per_round = params.min_seconds / params.rounds
-    figures: dict[str, dict[str, Any]] = {name: {} for name in runners}
+    figures: dict[str, dict[str, BatchTiming]] = {name: {} for name in runners}
     for size in params.batch_sizes:
         batch = batch_of(eval_inputs, size)
         timings: dict[str, list[float]] = {name: [] for name in runners}
@@ -122,45 +117,49 @@ def time_interleaved(runners: dict[str, Runner], eval_inputs: np.ndarray, params
     return figures
 
 
-def with_ratios(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
-    """Add speed-up (baseline latency / variant latency) per batch size and the size ratio to the baseline."""
-    result["speedup_vs_baseline"] = {
-        size: baseline["batches"][size]["p50_ms"] / figures["p50_ms"] for size, figures in result["batches"].items()
-    }
-    result["size_ratio_vs_baseline"] = result["size_bytes"] / baseline["size_bytes"]
-    return result
+def benchmark_entry(handle: ModelHandle, peak_rss_bytes: int, batches: dict[str, BatchTiming], baseline: ModelHandle,
+                    baseline_batches: dict[str, BatchTiming]) -> BenchmarkEntry:
+    """One model's figures with its speed-up (baseline latency / its latency) per batch size and its size ratio to the baseline."""
+    return BenchmarkEntry(
+        kind=handle.kind,
+        runtime=RUNTIMES.get(handle.kind, handle.kind),
+        size_bytes=handle.size_bytes,
+        peak_rss_bytes=peak_rss_bytes,
+        batches=batches,
+        speedup_vs_baseline={size: baseline_batches[size].p50_ms / timing.p50_ms for size, timing in batches.items()},
+        size_ratio_vs_baseline=handle.size_bytes / baseline.size_bytes,
+    )
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Time the baseline and every input variant, interleaved, on the same eval rows and thread count."""
     eval_inputs = ctx.data.eval_arrays[0]
-    handles = {BASELINE_KEY: ctx.baseline, **dict(zip(ctx.input_names, inputs))}
+    handles = {BASELINE_KEY: ctx.baseline, **inputs}
     largest = batch_of(eval_inputs, max(params.batch_sizes))
     runners, peaks = {}, {}
     for name, handle in track(handles.items(), "benchmark: load"):
         runners[name], peaks[name] = load_runner(handle, largest)
     batches = time_interleaved(runners, eval_inputs, params)
-    results = {
-        name: {
-            "kind": handle.kind,
-            "runtime": RUNTIMES.get(handle.kind, handle.kind),
-            "size_bytes": handle.size_bytes,
-            "peak_rss_bytes": peaks[name],
-            "batches": batches[name],
-        }
-        for name, handle in handles.items()
+    entries = {
+        name: benchmark_entry(handle, peaks[name], batches[name], ctx.baseline, batches[BASELINE_KEY]) for name, handle in handles.items()
     }
-    baseline = results.pop(BASELINE_KEY)
-    report = {
-        "baseline_stage": ctx.baseline_name,
-        "threads": torch.get_num_threads(),
-        "warmup": params.warmup,
-        "min_iterations": params.iterations,
-        "min_seconds": params.min_seconds,
-        "rounds": params.rounds,
-        "baseline": with_ratios(baseline, baseline),
-        "variants": {name: with_ratios(result, baseline) for name, result in results.items()},
-    }
+    baseline = entries.pop(BASELINE_KEY)
+    report = BenchmarkReport(
+        baseline_stage=ctx.baseline_name,
+        threads=torch.get_num_threads(),
+        warmup=params.warmup,
+        min_iterations=params.iterations,
+        min_seconds=params.min_seconds,
+        rounds=params.rounds,
+        baseline=baseline,
+        variants=entries,
+    )
+    metrics = report.model_dump(mode="json")
     path = ctx.workdir / REPORT_FILE
-    path.write_text(json.dumps(report, indent=2))
-    return StageOutput(product=ReportFile(path=path), metrics=report)
+    path.write_text(json.dumps(metrics, indent=2))
+    return StageOutput(product=ReportFile(path=path), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=3, params=Params, run=run, runs_alone=True, capabilities={"eval_data"},
+)

@@ -11,13 +11,14 @@ Where teacher and student come from depends on ``student``:
 
 Loss per batch: ``alpha * T^2 * KL(softmax(s/T) || softmax(t/T)) + (1 - alpha) * CE(s, labels)`` with the
 teacher's logits computed under ``inference_mode`` in eval mode; ``alpha: 0`` is plain cross-entropy
-training. The student is trained with Adam by ``pipeline.train.train_classifier``. Weights a pruning stage
+training. The student is trained with Adam by ``pipeline.torchkit.train.train_classifier``. Weights a pruning stage
 set to exactly zero (in Conv/Linear layers) are kept at zero while training, so distillation does not undo
 pruning. Both models' top-1 on the eval data are recorded, with the retention ratio student / teacher.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -27,16 +28,15 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import prune
 
-from pipeline.complexity import count_params
-from pipeline.errors import RecipeError, StageError, one_line
-from pipeline.evaluate import predict_all
-from pipeline.imports import resolve_callable
-from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchRunner, save_torch_module
-from pipeline.stage import StageContext, StageOutput, StageParams
-from pipeline.train import train_classifier
+from pipeline.errors import StageError, one_line
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit.complexity import WEIGHTED_LAYERS, count_params
+from pipeline.torchkit.evaluate import agreement, predict_all, top1
+from pipeline.torchkit.handles import ModelHandle, build_module, save_torch_module
+from pipeline.torchkit.runners import TorchRunner
+from pipeline.torchkit.train import train_classifier
 
 LossOfBatch = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 class StudentSpec(StageParams):
@@ -69,36 +69,18 @@ class Params(StageParams):
     )
 
 
-takes: tuple[str, ...] = ("torch",)
-inputs = "one"
-makes = "torch"
-version = 1
-
-
 def uses_baseline(params: Params) -> bool:
     """The baseline is the teacher only when no ``student`` factory is given (then the input teaches)."""
     return params.student is None
 
 
-def build_student(spec: StudentSpec) -> nn.Module:
-    """Call ``student.factory`` with its kwargs; a failing factory or a non-module result is a recipe error."""
-    factory = resolve_callable(spec.factory, "distill: student.factory")
-    call = f"{spec.factory}(**{spec.kwargs})"
-    try:
-        student = factory(**spec.kwargs)
-    except Exception as error:  # the user's factory failed: say which one and why
-        raise RecipeError(f"distill: student.factory {call} raised {one_line(error)}") from error
-    if not isinstance(student, nn.Module):
-        raise RecipeError(f"distill: student.factory {call} returned a {type(student).__name__}, not a torch.nn.Module")
-    return student
-
-
-def teacher_and_student(ctx: StageContext, upstream: ModelHandle, params: Params) -> tuple[nn.Module, nn.Module, dict[str, str]]:
+def teacher_and_student(
+    ctx: StageContext, upstream_name: str, upstream: ModelHandle, params: Params
+) -> tuple[nn.Module, nn.Module, dict[str, str]]:
     """The teacher and student modules as the docstring describes, and where each came from."""
-    upstream_name = ctx.input_names[0] if ctx.input_names else "input"
     if params.student is not None:
         sources = {"teacher": f"input:{upstream_name}", "student": f"factory:{params.student.factory}"}
-        return upstream.load(), build_student(params.student), sources
+        return upstream.load(), build_module(params.student.factory, params.student.kwargs, "distill: student.factory"), sources
     if ctx.baseline is None:
         raise StageError(
             "distill: no teacher: without a 'student' parameter the teacher is the recipe's FP32 baseline, and this "
@@ -148,23 +130,17 @@ def keep_pruned_zeros(student: nn.Module) -> list[nn.Module]:
     """Mask the exact-zero weights of Conv/Linear layers so training keeps them zero; the masked layers."""
     masked = []
     for module in student.modules():
-        if isinstance(module, PRUNABLE) and not prune.is_pruned(module) and bool((module.weight == 0).any()):
+        if isinstance(module, WEIGHTED_LAYERS) and not prune.is_pruned(module) and bool((module.weight == 0).any()):
             prune.custom_from_mask(module, "weight", mask=module.weight != 0)
             masked.append(module)
     return masked
 
 
-def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose largest logit is the label."""
-    return float((logits.argmax(axis=1) == labels).mean())
-
-
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Distil the teacher into the student on the train data, compare both on eval data, save the student."""
-    with TORCH_GRAPH_LOCK:  # torch's RNG is process-wide: no other stage may draw from it between seed and build
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        teacher, student, sources = teacher_and_student(ctx, inputs[0], params)
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    teacher, student, sources = teacher_and_student(ctx, *only_input(inputs), params)
     eval_inputs, eval_labels = ctx.data.eval_arrays
     check_outputs_match(teacher, student, eval_inputs[:8])
     teacher_logits = predict_all(TorchRunner(teacher), eval_inputs, description="distill: teacher eval")
@@ -189,7 +165,7 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "student_top1_before": student_top1_before,
         "student_top1": student_top1,
         "retention": student_top1 / teacher_top1 if teacher_top1 > 0 else None,
-        "agreement_with_teacher": float((student_logits.argmax(axis=1) == teacher_logits.argmax(axis=1)).mean()),
+        "agreement_with_teacher": agreement(student_logits, teacher_logits),
         "teacher_parameters": count_params(teacher),
         "student_parameters": count_params(student),
         "pruned_layers_kept": len(masked),
@@ -197,3 +173,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "epochs": params.epochs,
     }
     return StageOutput(product=save_torch_module(student, ctx.workdir), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
+)

@@ -15,6 +15,7 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -23,8 +24,10 @@ from pydantic import Field
 from torch.export import Dim
 
 from pipeline.errors import ANSI_CODES, StageError, one_line
-from pipeline.models import ONNX_FILE, TORCH_GRAPH_LOCK, ModelHandle, OnnxModel, OnnxRunner, TorchRunner
-from pipeline.stage import StageContext, StageOutput, StageParams
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit.evaluate import rows_of
+from pipeline.torchkit.handles import ONNX_FILE, ModelHandle, OnnxModel
+from pipeline.torchkit.runners import OnnxRunner, TorchRunner
 
 
 class Params(StageParams):
@@ -44,11 +47,6 @@ class Params(StageParams):
         default=True, description="the file accepts any batch size; false fixes it to model.input_shape[0]"
     )
 
-
-takes: tuple[str, ...] = ("torch",)
-inputs = "one"
-makes = "onnx"
-version = 1
 
 # torch 2.13's own pytree code trips its own deprecation warning on every export; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
@@ -83,30 +81,24 @@ def exporter_failure(error: BaseException, opset: int) -> str:
     )
 
 
-def batch_of(batch: torch.Tensor, size: int) -> torch.Tensor:
-    """``size`` rows taken from ``batch`` in turn (repeating rows when it has fewer)."""
-    return batch[torch.arange(size) % len(batch)]
-
-
 def export_model(module: torch.nn.Module, batch: torch.Tensor, params: Params) -> onnx.ModelProto:
     """Run the dynamo exporter and return the ONNX model in memory (nothing is written to disk)."""
     # The exporter warns on every first use that torchvision ops are skipped; this project has no torchvision.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
-        with TORCH_GRAPH_LOCK:
-            program = torch.onnx.export(
-                module,
-                (batch,),
-                None,
-                dynamo=True,
-                external_data=False,
-                dynamic_shapes=({0: Dim("batch")},) if params.dynamic_batch else None,
-                opset_version=params.opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                verbose=False,  # else it prints "[torch.onnx] Obtain model graph ..." progress to stdout
-                report=False,
-            )
+        program = torch.onnx.export(
+            module,
+            (batch,),
+            None,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=({0: Dim("batch")},) if params.dynamic_batch else None,
+            opset_version=params.opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            verbose=False,  # else it prints "[torch.onnx] Obtain model graph ..." progress to stdout
+            report=False,
+        )
     except Exception as error:  # any exporter failure becomes one clear line; the cause stays chained
         raise StageError(exporter_failure(error, params.opset)) from error
     return program.model_proto
@@ -177,15 +169,15 @@ def check_parity(ctx: StageContext, batches: list[np.ndarray], expected: list[np
     return max_abs_diff
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Export, check, optionally simplify, save ``model.onnx`` and compare it with torch in onnxruntime."""
-    module = inputs[0].load()
+    module = only_input(inputs)[1].load()
     example = ctx.data.example_batch().float()
     if params.dynamic_batch:
         export_batch = example
-        batches = [example, batch_of(example, 1 if len(example) != 1 else 2)]
+        batches = [example, rows_of(example, 1 if len(example) != 1 else 2)]
     else:
-        export_batch = batch_of(example, ctx.recipe.model.input_shape[0])
+        export_batch = rows_of(example, ctx.recipe.model.input_shape[0])
         batches = [export_batch]
     arrays = [batch.numpy() for batch in batches]
     torch_runner = TorchRunner(module)
@@ -214,3 +206,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "onnx_bytes": path.stat().st_size,
     }
     return StageOutput(product=OnnxModel(path=path), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="onnx", inputs="one", version=1, params=Params, run=run, capabilities={"eval_data"},
+)

@@ -11,16 +11,18 @@ becomes a ``torch.fx.GraphModule``, which no longer needs the original model cla
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 from pydantic import Field
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from pipeline.complexity import count_params
 from pipeline.errors import StageError, one_line
-from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchModel, TorchRunner, save_torch_module
-from pipeline.stage import StageContext, StageOutput, StageParams
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit.complexity import BATCHNORMS, count_params
+from pipeline.torchkit.handles import ModelHandle, save_and_reload
+from pipeline.torchkit.runners import TorchRunner
 
 
 class Params(StageParams):
@@ -38,12 +40,6 @@ class Params(StageParams):
     )
 
 
-takes: tuple[str, ...] = ("torch",)
-inputs = "one"
-makes = "torch"
-version = 1
-
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Which layers may feed each BatchNorm kind: channels are dim 1 for conv outputs and BatchNorm alike.
 LAYERS_FOR_BATCHNORM: dict[type[nn.Module], tuple[type[nn.Module], ...]] = {
     nn.BatchNorm1d: (nn.Conv1d, nn.Linear),
@@ -135,15 +131,6 @@ def count_batchnorms(model: nn.Module) -> int:
     return sum(isinstance(module, BATCHNORMS) for module in model.modules())
 
 
-def save_and_reload(model: nn.Module, ctx: StageContext) -> tuple[TorchModel, nn.Module]:
-    """Save the fused model and load it back exactly as the next stage will."""
-    try:
-        product = save_torch_module(model, ctx.workdir)
-        return product, product.load()
-    except Exception as error:  # pickling a traced or user module can fail on unpicklable attributes
-        raise StageError(f"fuse_conv_bn: the fused model could not be saved and loaded back ({one_line(error)})") from error
-
-
 def check_outputs(reference: np.ndarray, fused: np.ndarray, tolerance: float) -> tuple[float, float]:
     """Largest absolute and relative output difference; StageError when over ``tolerance`` (relative)."""
     if reference.shape != fused.shape:
@@ -160,16 +147,15 @@ def check_outputs(reference: np.ndarray, fused: np.ndarray, tolerance: float) ->
     return max_abs_diff, relative_diff
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Fuse Conv/Linear + BatchNorm pairs, check the outputs on real eval inputs, and save the fused model."""
-    model = inputs[0].load()
+    model = only_input(inputs)[1].load()
     batch = ctx.data.example_batch().numpy()
     reference = TorchRunner(model).predict(batch)
     parameters_before = count_params(model)
     trace_error: str | None = None
     try:
-        with TORCH_GRAPH_LOCK:
-            traced = fx.symbolic_trace(model)
+        traced = fx.symbolic_trace(model)
     except Exception as error:  # fx cannot trace this forward() (e.g. `if` on a tensor); fall back to eager
         trace_error = one_line(error)
         fused, fused_pairs, method = model, fuse_sequential(model), "sequential"
@@ -182,7 +168,7 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
                 f"{count_batchnorms(model)} BatchNorm layers); set require_fusion: false to pass the model through"
             )
         fused = model  # keep the original class rather than a traced copy with nothing changed
-    product, reloaded = save_and_reload(fused, ctx)
+    product, reloaded = save_and_reload(fused, ctx.workdir, "fuse_conv_bn", "fused")
     max_abs_diff, relative_diff = check_outputs(reference, TorchRunner(reloaded).predict(batch), params.tolerance)
     metrics = {
         "method": method,
@@ -195,3 +181,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "trace_error": trace_error,
     }
     return StageOutput(product=product, metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"eval_data"},
+)

@@ -21,11 +21,10 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from pipeline.errors import CheckpointError, RecipeError
-from pipeline.imports import resolve_callable
-from pipeline.models import ModelHandle, save_torch_module
+from pipeline.errors import CheckpointError
 from pipeline.recipe import ModelSpec
-from pipeline.stage import StageContext, StageOutput, StageParams
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage
+from pipeline.torchkit.handles import ModelHandle, build_module, save_torch_module
 
 
 class Params(StageParams):
@@ -34,11 +33,6 @@ class Params(StageParams):
     strict: bool = Field(default=True, description="checkpoint and model must have the same tensor names and shapes; "
                          "false loads what matches and lists the rest in the metrics")
 
-
-takes: tuple[str, ...] = ()
-inputs = "none"
-makes = "torch"
-version = 1
 
 WEIGHT_KEYS = ("model_state_dict", "state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "model.")  # DataParallel/DDP, Lightning
@@ -67,15 +61,13 @@ def pickle_refused(path: Path, detail: str) -> CheckpointError:
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:
     """Call the recipe's ``model.factory`` with its kwargs; a failing factory is a recipe error."""
-    factory = resolve_callable(spec.factory, "model.factory")
-    try:
-        module = factory(**spec.kwargs)
-    except Exception as error:  # the user's factory failed: say which one and why
-        call = f"{spec.factory}(**{spec.kwargs})"
-        raise RecipeError(f"model.factory: {call} raised {type(error).__name__}: {error}") from error
-    if not isinstance(module, torch.nn.Module):
-        raise RecipeError(f"model.factory: {spec.factory} returned a {type(module).__name__}, not a torch.nn.Module")
-    return module
+    return build_module(
+        spec.factory,
+        spec.kwargs,
+        "model.factory",
+        raised="{field}: {call} raised {error_type}: {error_text}",
+        returned="{field}: {factory} returned a {kind}, not a torch.nn.Module",
+    )
 
 
 def unreadable_reason(path: Path, error: Exception) -> str:
@@ -244,7 +236,7 @@ def compare_keys(path: Path, spec: ModelSpec, state_dict: StateDict, model_state
     return differences
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Build the recipe's model, load the checkpoint's weights into it, and save it for the next stages."""
     if ctx.checkpoint_path is None or not Path(ctx.checkpoint_path).is_file():
         given = ctx.checkpoint_path or "none was given"
@@ -285,3 +277,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
     if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
         metrics["epoch"] = epoch
     return StageOutput(product=save_torch_module(model.eval(), ctx.workdir), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=(), makes="torch", inputs="none", version=1, params=Params, run=run, capabilities={"checkpoint"},
+)

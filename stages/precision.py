@@ -11,17 +11,19 @@ Without a CUDA device the stage is skipped with the reason (``on_unavailable: sk
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from pipeline import gpu
 from pipeline.errors import StageError, one_line
-from pipeline.evaluate import predict_all
-from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchRunner, save_torch_module
-from pipeline.stage import StageContext, StageOutput, StageParams
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit import gpu
+from pipeline.torchkit.evaluate import all_finite, logit_parity, predict_all
+from pipeline.torchkit.handles import ModelHandle, save_torch_module
+from pipeline.torchkit.runners import TorchRunner
 
 
 class Params(StageParams):
@@ -38,11 +40,6 @@ class Params(StageParams):
     )
 
 
-takes: tuple[str, ...] = ("torch",)
-inputs = "one"
-makes = "torch"
-version = 1
-
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -56,15 +53,13 @@ def bf16_status() -> str | None:
 
 def compare(reference: np.ndarray, logits: np.ndarray, what: str) -> dict[str, float]:
     """Agreement of predicted classes and largest |Δ logit| vs FP32; StageError on NaN or inf outputs."""
-    if not np.isfinite(logits).all():
+    if not all_finite(logits):
         raise StageError(f"precision: the {what} model produced NaN or inf outputs (FP16 overflow?); try dtype: bf16")
-    return {
-        "agreement": float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean()),
-        "max_abs_diff": float(np.max(np.abs(logits.astype(np.float64) - reference))),
-    }
+    agreement, max_abs_diff = logit_parity(reference, logits)
+    return {"agreement": agreement, "max_abs_diff": max_abs_diff}
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Cast, run on CUDA against FP32, optionally under torch.compile, and save in the new dtype."""
     checks = [gpu.cuda_status] + ([bf16_status] if params.dtype == "bf16" else [])
     gpu.require(
@@ -72,17 +67,16 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
     )
     dtype = DTYPES[params.dtype]
     eval_inputs = ctx.data.eval_arrays[0]
-    module = inputs[0].load()
+    module = only_input(inputs)[1].load()
     reference = predict_all(TorchRunner(module), eval_inputs, description="precision: fp32")
     module = module.to(dtype=dtype)  # floating-point parameters and buffers only
-    runner = gpu.CudaTorchRunner(module, dtype)
+    runner = TorchRunner(module, device="cuda", dtype=dtype)
     metrics = {"dtype": params.dtype, "samples": int(len(eval_inputs)), "gpu": torch.cuda.get_device_name()}
     metrics.update(compare(reference, predict_all(runner, eval_inputs, description=f"precision: {params.dtype}"), params.dtype))
     if params.compile:
         try:
-            with TORCH_GRAPH_LOCK:
-                compiled = gpu.CudaTorchRunner(torch.compile(runner.module), dtype)
-                compiled_logits = predict_all(compiled, eval_inputs, description=f"precision: {params.dtype} compiled")
+            compiled = TorchRunner(torch.compile(runner.module), device="cuda", dtype=dtype)
+            compiled_logits = predict_all(compiled, eval_inputs, description=f"precision: {params.dtype} compiled")
         except Exception as error:  # inductor/triton failures: one line, cause chained
             raise StageError(f"precision: torch.compile failed on the {params.dtype} CUDA model ({one_line(error)[:400]}); set compile: false") from error
         compiled_metrics = compare(reference, compiled_logits, f"{params.dtype} compiled")
@@ -90,3 +84,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
     product = save_torch_module(module.cpu(), ctx.workdir, device="cuda", dtype=params.dtype)
     metrics["model_bytes"] = product.path.stat().st_size
     return StageOutput(product=product, metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"cuda", "eval_data"},
+)

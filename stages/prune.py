@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,12 +29,21 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import prune
 
-from pipeline.complexity import count_macs, count_params, layer_sparsity, overall_sparsity, weighted_layers
 from pipeline.errors import StageError, one_line
-from pipeline.evaluate import compare_logits, predict_all
-from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchRunner, save_torch_module
-from pipeline.stage import StageContext, StageOutput, StageParams
-from pipeline.train import train_classifier
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit.complexity import (
+    BATCHNORMS,
+    WEIGHTED_LAYERS,
+    count_macs,
+    count_params,
+    layer_sparsity,
+    overall_sparsity,
+    weighted_layers,
+)
+from pipeline.torchkit.evaluate import compare_logits, predict_all, top1
+from pipeline.torchkit.handles import ModelHandle, save_torch_module
+from pipeline.torchkit.runners import TorchRunner
+from pipeline.torchkit.train import train_classifier
 
 
 class Finetune(StageParams):
@@ -71,13 +81,6 @@ class Params(StageParams):
         return self
 
 
-takes: tuple[str, ...] = ("torch",)
-inputs = "one"
-makes = "torch"
-version = 1
-
-CHANNEL_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Ops that act on each channel separately and keep channels on dim 1: pruned channels pass through them.
 PER_CHANNEL_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.ELU,
@@ -129,7 +132,7 @@ class ChannelDependencies:
         """Every prunable layer's group, and every other Conv/Linear layer with the reason it is skipped."""
         found, skipped = [], {}
         for node in self.graph.nodes:
-            if node.op == "call_module" and isinstance(self.modules[node.target], CHANNEL_LAYERS):
+            if node.op == "call_module" and isinstance(self.modules[node.target], WEIGHTED_LAYERS):
                 try:
                     found.append(self.group_of(node))
                 except NotPrunable as reason:
@@ -149,7 +152,7 @@ class ChannelDependencies:
                 continue
             visited.add(node)
             module = self.modules.get(node.target) if node.op == "call_module" else None
-            if isinstance(module, CHANNEL_LAYERS):
+            if isinstance(module, WEIGHTED_LAYERS):
                 group.consumers[node.target] = self.checked_consumer(node, module, source, per_channel)
                 continue
             if node.op == "call_method" and node.target == "size" and node.args[1:] == (0,):
@@ -220,9 +223,8 @@ class ChannelDependencies:
 def traced_with_shapes(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """The model traced by torch.fx with each node's tensor shape on ``example``; StageError if untraceable."""
     try:
-        with TORCH_GRAPH_LOCK:
-            traced = fx.symbolic_trace(model)
-            ShapeProp(traced).propagate(example)
+        traced = fx.symbolic_trace(model)
+        ShapeProp(traced).propagate(example)
     except Exception as error:  # fx cannot trace this forward() (Python control flow on tensor values, ...)
         raise StageError(
             f"prune: method: channels needs a torch.fx trace of the model to find which layers read each layer's "
@@ -328,9 +330,9 @@ def checked_output_shape(model: nn.Module, example: torch.Tensor, expected: tupl
         raise StageError(f"prune: the pruned model's output shape {shape} differs from the original's {expected}")
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Prune, optionally fine-tune, make the pruning permanent and save the whole pruned module."""
-    model = inputs[0].load()
+    model = only_input(inputs)[1].load()
     example = ctx.data.example_batch()
     eval_inputs, eval_labels = ctx.data.eval_arrays
     reference = predict_all(TorchRunner(model), eval_inputs, description=f"{ctx.name}: eval before")
@@ -340,7 +342,7 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         method_metrics = prune_channels(model, example, params)
     else:
         masked_layers, method_metrics = mask_by_magnitude(model, params), {}
-    metrics = {"top1_before": float((reference.argmax(axis=1) == eval_labels).mean())}
+    metrics = {"top1_before": top1(reference, eval_labels)}
     metrics |= eval_figures(model, ctx, reference, "after_prune")
     if params.finetune is not None:
         _, metrics["finetune_loss"] = train_classifier(
@@ -365,3 +367,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         **method_metrics,
     }
     return StageOutput(product=save_torch_module(model, ctx.workdir), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"train_data", "eval_data"},
+)

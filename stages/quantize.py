@@ -19,8 +19,9 @@ from __future__ import annotations
 import itertools
 import traceback
 import warnings
-from pathlib import Path
 from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import torch
@@ -31,13 +32,14 @@ from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
 from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping, quantize_dynamic
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
-from pipeline.data import split_batch
 from pipeline.errors import StageError, one_line
-from pipeline.evaluate import compare_logits, predict_all
-from pipeline.models import TORCH_GRAPH_LOCK, ModelHandle, TorchModel, TorchRunner, save_torch_module
 from pipeline.progress import track
-from pipeline.stage import StageContext, StageOutput, StageParams
-from pipeline.train import train_classifier
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit.data import split_batch
+from pipeline.torchkit.evaluate import compare_logits, predict_all, top1
+from pipeline.torchkit.handles import ModelHandle, save_and_reload
+from pipeline.torchkit.runners import TorchRunner
+from pipeline.torchkit.train import train_classifier
 
 # The parameters only some modes use; given with another mode they are refused, not ignored.
 MODE_PARAMETERS: dict[str, set[str]] = {"static": {"calibration_batches"}, "qat": {"epochs", "lr"}}
@@ -66,11 +68,6 @@ class Params(StageParams):
             raise ValueError(f"{unused[0]} applies to mode: {owner} only (mode is {self.mode}); remove it")
         return self
 
-
-takes: tuple[str, ...] = ("torch",)
-inputs = "one"
-makes = "torch"
-version = 1
 
 BACKEND = "x86"
 DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
@@ -120,10 +117,9 @@ def graph_mode_failure(mode: str, step: str, error: BaseException) -> StageError
 def prepare_graph(model: nn.Module, mode: str, example: torch.Tensor) -> torch.fx.GraphModule:
     """Trace ``model`` with FX and insert observers (static) or fake quantizers (qat)."""
     try:
-        with TORCH_GRAPH_LOCK:
-            if mode == "qat":
-                return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping(BACKEND), (example,))
-            return prepare_fx(model.eval(), get_default_qconfig_mapping(BACKEND), (example,))
+        if mode == "qat":
+            return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping(BACKEND), (example,))
+        return prepare_fx(model.eval(), get_default_qconfig_mapping(BACKEND), (example,))
     except Exception as error:  # fx TraceError, or an op the quantization patterns cannot handle
         raise graph_mode_failure(mode, "trace and prepare", error) from error
 
@@ -133,7 +129,7 @@ def calibrate(prepared: nn.Module, train_loader: Iterable, batches: int) -> int:
     used = 0
     for batch in track(itertools.islice(train_loader, batches), "quantize: calibrate", total=batches):
         inputs, _ = split_batch(batch, "train")
-        with TORCH_GRAPH_LOCK, torch.no_grad():
+        with torch.no_grad():
             prepared(inputs)
         used += 1
     if used == 0:
@@ -144,8 +140,7 @@ def calibrate(prepared: nn.Module, train_loader: Iterable, batches: int) -> int:
 def convert_graph(prepared: torch.fx.GraphModule, mode: str) -> torch.fx.GraphModule:
     """Swap observed layers for INT8 kernels (``save_torch_module`` makes the result picklable)."""
     try:
-        with TORCH_GRAPH_LOCK:
-            converted = convert_fx(prepared.eval())
+        converted = convert_fx(prepared.eval())
     except Exception as error:  # a pattern torch could observe but not lower to quantized ops
         raise graph_mode_failure(mode, "convert", error) from error
     return converted
@@ -153,8 +148,7 @@ def convert_graph(prepared: torch.fx.GraphModule, mode: str) -> torch.fx.GraphMo
 
 def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     """INT8 weights for every Linear/LSTM/GRU; StageError when the model has none of them."""
-    with TORCH_GRAPH_LOCK:
-        quantized = quantize_dynamic(model.eval(), set(DYNAMIC_LAYERS), dtype=torch.qint8)
+    quantized = quantize_dynamic(model.eval(), set(DYNAMIC_LAYERS), dtype=torch.qint8)
     if not quantized_layer_counts(quantized, "dynamic"):
         found = sorted({type(module).__name__ for module in model.modules() if not list(module.children())})
         raise StageError(
@@ -190,22 +184,13 @@ def quantize_model(ctx: StageContext, model: nn.Module, params: Params) -> tuple
     return convert_graph(prepared, params.mode), made
 
 
-def save_and_reload(model: nn.Module, ctx: StageContext) -> tuple[TorchModel, nn.Module]:
-    """Save the quantized model and load it back exactly as the next stage will."""
-    try:
-        product = save_torch_module(model, ctx.workdir)
-        return product, product.load()
-    except Exception as error:  # pickling a quantized or user module can fail on an unpicklable attribute
-        raise StageError(f"quantize: the quantized model could not be saved and loaded back ({one_line(error)})") from error
-
-
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Quantize (or cast), save, reload, and compare with the input model on the eval split."""
-    source = inputs[0]
+    _, source = only_input(inputs)
     eval_inputs, eval_labels = ctx.data.eval_arrays
     reference = predict_all(TorchRunner(source.load()), eval_inputs, description="quantize: fp32")
     quantized, made = quantize_model(ctx, source.load(), params)
-    product, reloaded = save_and_reload(quantized, ctx)
+    product, reloaded = save_and_reload(quantized, ctx.workdir, "quantize", "quantized")
     logits = predict_all(TorchRunner(reloaded), eval_inputs, description=f"quantize: {params.mode}")
     comparison = compare_logits(reference, logits, eval_labels)
     metrics = {
@@ -216,7 +201,7 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "size_before_bytes": source.size_bytes,
         "size_after_bytes": product.size_bytes,
         "size_ratio": source.size_bytes / product.size_bytes,
-        "top1_fp32": float((reference.argmax(axis=1) == eval_labels).mean()),
+        "top1_fp32": top1(reference, eval_labels),
         "top1": comparison["top1"],
         "delta_top1": comparison["delta_top1"],
         "agreement": comparison["agreement"],
@@ -224,3 +209,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "eval_samples": comparison["samples"],
     }
     return StageOutput(product=product, metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"train_data", "eval_data"},
+)

@@ -20,30 +20,25 @@ import itertools
 import re
 import shutil
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from pydantic import Field
 
-from pipeline.data import split_batch
 from pipeline.errors import StageError, one_line
-from pipeline.evaluate import compare_logits, predict_all
-from pipeline.models import ONNX_FILE, ModelHandle, OnnxModel, OnnxRunner
 from pipeline.progress import track
-from pipeline.stage import StageContext, StageOutput, StageParams
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit.data import split_batch
+from pipeline.torchkit.evaluate import compare_logits, predict_all
+from pipeline.torchkit.handles import ONNX_FILE, ModelHandle, OnnxModel
+from pipeline.torchkit.runners import OnnxRunner
 
 
 class Params(StageParams):
@@ -90,11 +85,6 @@ class Params(StageParams):
         description="smallest share of eval inputs on which the quantized model must predict the input model's class",
     )
 
-
-takes: tuple[str, ...] = ("onnx",)
-inputs = "one"
-makes = "onnx"
-version = 1
 
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 CALIBRATE_METHODS = {
@@ -242,9 +232,9 @@ def compare_on_eval(ctx: StageContext, input_runner: OnnxRunner, path: Path, par
     return figures
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Pre-process, quantize, record the ops onnxruntime runs, and compare with the input on eval data."""
-    source = inputs[0]
+    _, source = only_input(inputs)
     input_runner = OnnxRunner(source.path)
     scratch = ctx.workdir / SCRATCH_FOLDER
     scratch.mkdir()
@@ -281,3 +271,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "onnxruntime_version": ort.__version__,
     }
     return StageOutput(product=OnnxModel(path=path), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("onnx",), makes="onnx", inputs="one", version=1, params=Params, run=run, exclusive=False, capabilities={"train_data", "eval_data"},
+)

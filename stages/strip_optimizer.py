@@ -7,19 +7,15 @@ into the architecture ``model.factory`` builds, so it must follow a stage that k
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline.errors import StageError
-from pipeline.models import ModelHandle, TorchModel, save_torch_weights
-from pipeline.stage import StageContext, StageOutput, StageParams
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit.handles import ModelHandle, TorchModel, save_torch_weights
 
 
 class Params(StageParams):
     """No parameters: there is one way to keep only the weights."""
-
-
-takes: tuple[str, ...] = ("torch",)
-inputs = "one"
-makes = "torch"
-version = 1
 
 
 def checkpoint_bytes(ctx: StageContext, source: ModelHandle) -> int:
@@ -41,13 +37,12 @@ def check_round_trip(weights: TorchModel, input_name: str, factory: str) -> None
         ) from None
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Save the input model's state_dict alone, and report how many bytes that saved."""
-    source = inputs[0]
+    input_name, source = only_input(inputs)
     module = source.load()
     spec = ctx.recipe.model
     weights = save_torch_weights(module, ctx.workdir, spec.factory, spec.kwargs)
-    input_name = ctx.input_names[0] if ctx.input_names else source.path.parent.name
     check_round_trip(weights, input_name, spec.factory)
     bytes_before = checkpoint_bytes(ctx, source)
     bytes_after = weights.path.stat().st_size
@@ -57,3 +52,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "saved_fraction": round(1 - bytes_after / bytes_before, 4) if bytes_before else 0.0,
     }
     return StageOutput(product=weights, metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run,
+)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
@@ -24,12 +25,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from pipeline import gpu
-from pipeline.data import split_batch
 from pipeline.errors import StageError, one_line
-from pipeline.evaluate import predict_all
-from pipeline.models import TORCH_GRAPH_LOCK, EngineModel, ModelHandle, TorchModel, runner_for
-from pipeline.stage import StageContext, StageOutput, StageParams
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
+from pipeline.torchkit import gpu
+from pipeline.torchkit.data import split_batch
+from pipeline.torchkit.evaluate import all_finite, logit_parity, predict_all, rows_of
+from pipeline.torchkit.handles import EngineModel, ModelHandle, TorchModel
+from pipeline.torchkit.runners import runner_for
+from pipeline.torchkit.tensorrt_runner import TensorRTRunner, tensorrt_logger
 
 
 class Params(StageParams):
@@ -61,11 +64,6 @@ class Params(StageParams):
         return self
 
 
-takes: tuple[str, ...] = ("torch", "onnx")
-inputs = "one"
-makes = "engine"
-version = 1
-
 ENGINE_FILE = "model.engine"
 PROGRAM_FILE = "model.ep"
 MIN_AGREEMENT = 0.99
@@ -92,7 +90,7 @@ def calibration_data(train_loader: Iterable[Any], count: int, rows: int) -> list
         raise StageError("tensorrt: the train loader yielded no batches; INT8 calibration needs some")
     data = np.concatenate(arrays)
     if len(data) < rows:
-        data = data[np.arange(rows) % len(data)]
+        data = rows_of(data, rows)
     usable = len(data) // rows * rows
     return [np.ascontiguousarray(chunk) for chunk in data[:usable].reshape(-1, rows, *data.shape[1:])]
 
@@ -130,7 +128,7 @@ def build_from_onnx(onnx_path: Path, engine_path: Path, params: Params, sample_s
     """Parse the ONNX file, build and serialize the engine; returns what the build chose."""
     import tensorrt as trt
 
-    logger = gpu.tensorrt_logger()
+    logger = tensorrt_logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
@@ -205,7 +203,7 @@ def build_from_torch(source: TorchModel, engine_path: Path, params: Params, samp
     batch_range = [params.min_batch, params.opt_batch, params.max_batch]
     dynamic = params.min_batch < params.max_batch
     rows = max(params.opt_batch, 2) if dynamic else params.min_batch  # torch.export specializes a batch of 1
-    example = torch.from_numpy(eval_inputs[np.arange(rows) % len(eval_inputs)]).to(device)
+    example = torch.from_numpy(rows_of(eval_inputs, rows)).to(device)
     spec = torch_tensorrt.Input(
         min_shape=(params.min_batch, *sample_shape),
         opt_shape=(params.opt_batch, *sample_shape),
@@ -215,22 +213,21 @@ def build_from_torch(source: TorchModel, engine_path: Path, params: Params, samp
     dynamic_shapes = ({0: torch.export.Dim("batch", min=params.min_batch, max=params.max_batch)},) if dynamic else None
     options = {"workspace_size": int(params.workspace_gb * GIB), "min_block_size": 1}
     options.update(precision_options(torch_tensorrt.dynamo.compile, params.precision))
-    with TORCH_GRAPH_LOCK:  # export and compilation trace the model: process-global state
-        try:
-            program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes)
-        except Exception as error:  # any capture failure becomes one line; the cause stays chained
-            raise StageError(
-                f"tensorrt: torch.export could not capture the model ({one_line(error)[:400]}); "
-                "change the model, or feed this stage the ONNX export (needs: [onnx])"
-            ) from error
-        try:
-            compiled = torch_tensorrt.dynamo.compile(program, inputs=[spec], **options)
-            torch_tensorrt.save(compiled, str(engine_path.parent / PROGRAM_FILE), output_format="exported_program", inputs=[example])
-            serialized = torch_tensorrt.convert_method_to_trt_engine(module, "forward", inputs=[spec], ir="dynamo", **options)
-        except Exception as error:  # converter gaps, build failures: one line, cause chained
-            raise StageError(
-                f"tensorrt: torch-tensorrt failed ({one_line(error)[:400]}); feed this stage the ONNX export instead (needs: [onnx])"
-            ) from error
+    try:
+        program = torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes)
+    except Exception as error:  # any capture failure becomes one line; the cause stays chained
+        raise StageError(
+            f"tensorrt: torch.export could not capture the model ({one_line(error)[:400]}); "
+            "change the model, or feed this stage the ONNX export (needs: [onnx])"
+        ) from error
+    try:
+        compiled = torch_tensorrt.dynamo.compile(program, inputs=[spec], **options)
+        torch_tensorrt.save(compiled, str(engine_path.parent / PROGRAM_FILE), output_format="exported_program", inputs=[example])
+        serialized = torch_tensorrt.convert_method_to_trt_engine(module, "forward", inputs=[spec], ir="dynamo", **options)
+    except Exception as error:  # converter gaps, build failures: one line, cause chained
+        raise StageError(
+            f"tensorrt: torch-tensorrt failed ({one_line(error)[:400]}); feed this stage the ONNX export instead (needs: [onnx])"
+        ) from error
     engine_path.write_bytes(serialized)
     return {"batch_range": batch_range, "qdq": False, "calibrated": False, "side_files": [PROGRAM_FILE]}
 
@@ -239,10 +236,9 @@ def compare(reference: np.ndarray, logits: np.ndarray, precision: str, calibrate
     """Argmax agreement and largest |Δ logit| of the engine vs the input model; StageError under 99% or on NaN/inf."""
     if logits.shape != reference.shape:
         raise StageError(f"tensorrt: the engine gives outputs shaped {logits.shape}, the input model {reference.shape}")
-    if not np.isfinite(logits).all():
+    if not all_finite(logits):
         raise StageError(f"tensorrt: the {precision} engine produced NaN or inf outputs (overflow?); try precision: fp32")
-    agreement = float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean())
-    max_abs_diff = float(np.max(np.abs(logits.astype(np.float64) - reference)))
+    agreement, max_abs_diff = logit_parity(reference, logits)
     if agreement < MIN_AGREEMENT:
         hint = "more calibration_batches, a Q/DQ model, or precision: fp16" if calibrated else "a higher precision"
         raise StageError(
@@ -252,9 +248,9 @@ def compare(reference: np.ndarray, logits: np.ndarray, precision: str, calibrate
     return agreement, max_abs_diff
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Check the machine, build the engine, and compare it with the input model on the eval split."""
-    source = inputs[0]
+    _, source = only_input(inputs)
     if source.kind == "torch" and params.precision == "int8":
         raise StageError(
             "tensorrt: int8 from a torch model needs Q/DQ nodes (ModelOpt) that TensorRT can read; "
@@ -277,7 +273,7 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
     build_seconds = time.perf_counter() - started
 
     identity = gpu.gpu_identity()
-    runner = gpu.TensorRTRunner(engine_path, identity)
+    runner = TensorRTRunner(engine_path, identity)
     logits = predict_all(runner, eval_inputs, description="tensorrt: engine")
     agreement, max_abs_diff = compare(reference, logits, params.precision, built["calibrated"])
     meta = {**identity, "precision": params.precision, "input_name": runner.input_name, "batch_range": built["batch_range"]}
@@ -299,3 +295,8 @@ def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOu
         "tensorrt_version": identity["tensorrt_version"],
     }
     return StageOutput(product=EngineModel(path=engine_path, meta=meta), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch", "onnx"), makes="engine", inputs="one", version=1, params=Params, run=run, capabilities={"cuda", "train_data", "eval_data"},
+)

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import numpy as np
-
 from pydantic import Field
 
 from pipeline.errors import DataError
-from pipeline.evaluate import compare_logits, predict_all
-from pipeline.models import ModelHandle, ReportFile, runner_for
-from pipeline.stage import StageContext, StageOutput, StageParams
-
-takes = ("torch", "onnx", "engine")
-inputs = "many"
-makes = "report"
-version = 1
+from pipeline.records.reports import ModelValidation, ValidationReport, VariantValidation
+from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage
+from pipeline.torchkit.evaluate import compare_logits, predict_all
+from pipeline.torchkit.handles import ModelHandle, ReportFile
+from pipeline.torchkit.runners import runner_for
 
 REPORT_FILE = "validation.json"
 
@@ -32,12 +29,17 @@ class Params(StageParams):
     )
 
 
-def _verdict(metrics: dict, params: Params) -> str | None:
-    drop = -metrics["delta_top1"]
+def _figures(baseline_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, handle: ModelHandle) -> ModelValidation:
+    """How one model's logits compare with the baseline's, with the model's kind and size."""
+    return ModelValidation(**compare_logits(baseline_logits, logits, labels), kind=handle.kind, size_bytes=handle.size_bytes)
+
+
+def _verdict(figures: ModelValidation, params: Params) -> str | None:
+    drop = -figures.delta_top1
     if drop > params.max_accuracy_drop:
         return f"top-1 dropped {drop * 100:.2f} points vs FP32 (max_accuracy_drop allows {params.max_accuracy_drop * 100:.2f})"
-    if metrics["agreement"] < params.min_agreement:
-        return f"agrees with FP32 on {metrics['agreement']:.2%} of inputs (min_agreement {params.min_agreement:.2%})"
+    if figures.agreement < params.min_agreement:
+        return f"agrees with FP32 on {figures.agreement:.2%} of inputs (min_agreement {params.min_agreement:.2%})"
     return None
 
 
@@ -50,24 +52,27 @@ def check_labels(labels: np.ndarray, num_classes: int) -> None:
         )
 
 
-def run(ctx: StageContext, inputs: list[ModelHandle], params: Params) -> StageOutput:
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Predict the eval split with the baseline and every input variant, and compare them."""
     eval_inputs, labels = ctx.data.eval_arrays
     baseline_logits = predict_all(runner_for(ctx.baseline), eval_inputs, description=f"validate {ctx.baseline_name}")
     check_labels(labels, baseline_logits.shape[1])
-    baseline = compare_logits(baseline_logits, baseline_logits, labels)
-    baseline.update(kind=ctx.baseline.kind, size_bytes=ctx.baseline.size_bytes)
+    baseline = _figures(baseline_logits, baseline_logits, labels, ctx.baseline)
     variants, rejected = {}, {}
-    for name, handle in zip(ctx.input_names, inputs):
+    for name, handle in inputs.items():
         logits = predict_all(runner_for(handle), eval_inputs, description=f"validate {name}")
-        metrics = compare_logits(baseline_logits, logits, labels)
-        metrics.update(kind=handle.kind, size_bytes=handle.size_bytes)
-        reason = _verdict(metrics, params)
-        metrics["status"] = "rejected" if reason else "accepted"
+        figures = _figures(baseline_logits, logits, labels, handle)
+        reason = _verdict(figures, params)
         if reason:
             rejected[name] = reason
-        variants[name] = metrics
-    report = {"baseline_stage": ctx.baseline_name, "baseline": baseline, "variants": variants, "rejected": rejected}
+        variants[name] = VariantValidation(**figures.model_dump(), status="rejected" if reason else "accepted")
+    report = ValidationReport(baseline_stage=ctx.baseline_name, baseline=baseline, variants=variants, rejected=rejected)
+    metrics = report.model_dump(mode="json")
     path = ctx.workdir / REPORT_FILE
-    path.write_text(json.dumps(report, indent=2))
-    return StageOutput(product=ReportFile(path=path), metrics=report)
+    path.write_text(json.dumps(metrics, indent=2))
+    return StageOutput(product=ReportFile(path=path), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
+)

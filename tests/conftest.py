@@ -41,25 +41,18 @@ def as_input(model, folder: Path):
     """``model`` saved as an upstream stage would have saved it, in a fresh folder under ``folder``."""
     import tempfile
 
-    from pipeline.models import save_torch_module
+    from pipeline.torchkit.handles import save_torch_module
 
     return save_torch_module(model.eval(), Path(tempfile.mkdtemp(dir=folder)))
 
 
 def run_without_prefect(recipe_path: Path, checkpoint: Path, store_root: Path, overrides=()) -> dict:
-    """Run a recipe's stages in order with a plain RunSession (no Prefect) and return the run record."""
+    """Run a recipe's stages one after another with ``run_plan`` (no Prefect) and return the run record."""
     from pipeline.recipe import load_recipe
-    from pipeline.session import RunSession
-    from pipeline.store import ArtifactStore
+    from pipeline.records.store import ArtifactStore
+    from pipeline.run.engine import run_plan
 
-    session = RunSession(load_recipe(recipe_path, list(overrides)), ArtifactStore(store_root), checkpoint)
-    session.start()
-    for name in session.plan.order:
-        try:
-            session.execute(name)
-        except Exception:
-            break
-    return session.finish()
+    return run_plan(load_recipe(recipe_path, list(overrides)), ArtifactStore(store_root), checkpoint, overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +70,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def data():
     """scikit-learn digits as the default recipe builds them, shared by every stage test."""
-    from pipeline.data import build_data
+    from pipeline.torchkit.data import build_data
 
     return build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)
 
@@ -85,7 +78,7 @@ def data():
 @pytest.fixture
 def context(tmp_path: Path, data):
     """A factory of StageContexts on the digits recipe, each with a fresh, empty workdir."""
-    from pipeline.stage import StageContext
+    from pipeline.run.contract import StageContext
 
     def make(name: str, **overrides) -> StageContext:
         workdir = tmp_path / f"work-{name}"
@@ -109,7 +102,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo baseline (digits_cnn) trained briefly and saved in the common training format."""
-    from pipeline.demo import train_demo_checkpoint
+    from pipeline.torchkit.demo_baseline import train_demo_checkpoint
 
     path = tmp_path_factory.mktemp("checkpoints") / "digits_cnn.pt"
     train_demo_checkpoint(path, epochs=8)

@@ -12,8 +12,6 @@ from tests.bad_inputs import CATALOGUE, BadInput
 from tests.conftest import optipipe_stderr
 
 
-
-
 def _store_of(argv: list[str]) -> Path | None:
     return Path(argv[argv.index("--store") + 1]) if "--store" in argv else None
 

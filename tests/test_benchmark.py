@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from pipeline.data import build_data
-from pipeline.models import save_torch_module
 from pipeline.recipe import load_recipe
-from pipeline.stage import StageContext
+from pipeline.run.contract import StageContext
+from pipeline.torchkit.data import build_data
+from pipeline.torchkit.handles import save_torch_module
 from pipeline.zoo import digits_cnn
 from stages import benchmark
 from tests.conftest import REPO_ROOT, one_stage_recipe
@@ -25,9 +25,9 @@ def test_benchmark_times_each_batch_size_against_the_baseline(tmp_path):
     (tmp_path / "work").mkdir()
     context = StageContext(
         name="bench", workdir=tmp_path / "work", recipe=RECIPE, checkpoint_path=None, load_data=lambda: data,
-        input_names=["narrow"], baseline=handles[0], baseline_name="load",
+        baseline=handles[0], baseline_name="load",
     )
-    output = benchmark.run(context, handles[1:], benchmark.Params(batch_sizes=[1, 4], warmup=1, iterations=5, min_seconds=0.05))
+    output = benchmark.run(context, {"narrow": handles[1]}, benchmark.Params(batch_sizes=[1, 4], warmup=1, iterations=5, min_seconds=0.05))
     metrics = output.metrics
     assert metrics["baseline"]["speedup_vs_baseline"] == {"1": 1.0, "4": 1.0}
     narrow = metrics["variants"]["narrow"]
@@ -74,10 +74,10 @@ def test_rounds_interleave_the_baseline_and_every_variant(monkeypatch, tmp_path)
     data = build_data(RECIPE.data, [1, 1, 8, 8])
     context = StageContext(
         name="bench", workdir=tmp_path / "work", recipe=RECIPE, checkpoint_path=None, load_data=lambda: data,
-        input_names=["a", "b"], baseline=handles["baseline"], baseline_name="load",
+        baseline=handles["baseline"], baseline_name="load",
     )
     params = benchmark.Params(batch_sizes=[2], warmup=0, iterations=6, min_seconds=0, rounds=3)
-    metrics = benchmark.run(context, [handles["a"], handles["b"]], params).metrics
+    metrics = benchmark.run(context, {"a": handles["a"], "b": handles["b"]}, params).metrics
     # one load call each, then 3 rounds of (one untimed + 2 timed calls) per model, in turn
     assert calls[:3] == ["baseline", "a", "b"]
     turns = [name for index, name in enumerate(calls[3:]) if index % 3 == 0]

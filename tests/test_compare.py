@@ -7,7 +7,7 @@ import json
 
 from rich.console import Console
 
-from pipeline.compare import compare_runs, comparison_tables
+from pipeline.review.compare import compare_runs, comparison_tables
 
 
 def _artifact(tmp_path, key, stage, params):
@@ -24,7 +24,8 @@ def _stage(tmp_path, name, uses, key, params=None, metrics=None, state="done"):
 
 def _variant(top1, status="accepted", size=1000, baseline=0.972):
     return {"top1": top1, "delta_top1": top1 - baseline, "agreement": 0.99, "max_abs_logit_diff": 1e-3,
-            "size_bytes": size, "kind": "onnx", "status": status}
+            "mean_abs_logit_diff": 1e-4, "per_class_top1": [top1, top1], "per_class_delta": [top1 - baseline] * 2,
+            "samples": 500, "size_bytes": size, "kind": "onnx", "status": status}
 
 
 def _validate_metrics(onnx_top1=0.972, onnx_status="accepted"):
@@ -36,8 +37,11 @@ def _validate_metrics(onnx_top1=0.972, onnx_status="accepted"):
 def _bench_metrics(onnx_ms=0.5, machine_slowdown=1.0):
     def entry(ms):
         ms *= machine_slowdown
-        return {"batches": {"1": {"p50_ms": ms, "p95_ms": ms * 2}}, "speedup_vs_baseline": {"1": machine_slowdown / ms}}
-    return {"baseline_stage": "load", "baseline": entry(1.0), "variants": {"fused": entry(0.8), "onnx": entry(onnx_ms)}}
+        timing = {"runs": 30, "timed_seconds": 30 * ms / 1e3, "p50_ms": ms, "p95_ms": ms * 2, "throughput_per_s": 1e3 / ms}
+        return {"kind": "onnx", "runtime": "onnxruntime (CPU)", "size_bytes": 1000, "peak_rss_bytes": 10**8,
+                "batches": {"1": timing}, "speedup_vs_baseline": {"1": machine_slowdown / ms}, "size_ratio_vs_baseline": 0.5}
+    return {"baseline_stage": "load", "threads": 4, "warmup": 10, "min_iterations": 30, "min_seconds": 1.0, "rounds": 3,
+            "baseline": entry(1.0), "variants": {"fused": entry(0.8), "onnx": entry(onnx_ms)}}
 
 
 def _record(tmp_path, run_id="run-a", recipe="demo", opset=18, onnx_top1=0.972, onnx_ms=0.5, bench=True, machine_slowdown=1.0):
@@ -164,5 +168,5 @@ def test_tables_render(tmp_path):
 
 
 def test_no_torch_import():
-    import pipeline.compare as module
+    import pipeline.review.compare as module
     assert "import torch" not in open(module.__file__).read()

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from pipeline.cli import main
-from pipeline.gc import collect
-from pipeline.store import ArtifactStore
+from pipeline.records.gc import collect
+from pipeline.records.store import ArtifactStore
 from tests.conftest import REPO_ROOT
 
 

@@ -11,10 +11,11 @@ from pydantic import ValidationError
 from torch import fx, nn
 from torch.nn.utils import prune
 
-from pipeline.data import build_data
 from pipeline.errors import RecipeError, StageError
-from pipeline.models import TorchModel, TorchRunner
-from pipeline.train import train_classifier
+from pipeline.torchkit.data import build_data
+from pipeline.torchkit.handles import TorchModel
+from pipeline.torchkit.runners import TorchRunner
+from pipeline.torchkit.train import train_classifier
 from pipeline.zoo import mlp
 from stages import distill, fuse_conv_bn
 from tests.conftest import DIGITS_INPUT_SHAPE, as_input, one_stage_recipe
@@ -48,8 +49,8 @@ def teacher(teacher_model, tmp_path) -> TorchModel:
 
 def distil(context, name: str, upstream: TorchModel, baseline: TorchModel | None = None, **params):
     """Run the distill stage on fresh data; returns (StageOutput, ctx)."""
-    ctx = context(name, load_data=fresh_data, input_names=["upstream"], baseline=baseline, baseline_name="load")
-    return distill.run(ctx, [upstream], distill.Params(**params)), ctx
+    ctx = context(name, load_data=fresh_data, baseline=baseline, baseline_name="load")
+    return distill.run(ctx, {"upstream": upstream}, distill.Params(**params)), ctx
 
 
 def top1_of(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
@@ -102,7 +103,7 @@ def pruned_fused_student(context, tmp_path: Path) -> TorchModel:
     torch.manual_seed(1)
     student = mlp(hidden=(32,))
     train_classifier(student, fresh_data().train, epochs=1, lr=1e-3)
-    fused = fuse_conv_bn.run(context("fused"), [as_input(student, tmp_path)], fuse_conv_bn.Params()).product.load()
+    fused = fuse_conv_bn.run(context("fused"), {"input": as_input(student, tmp_path)}, fuse_conv_bn.Params()).product.load()
     for layer in fused.modules():
         if isinstance(layer, nn.Linear):
             prune.l1_unstructured(layer, "weight", amount=0.5)

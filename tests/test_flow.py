@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main, run_flow
-from pipeline.demo import DEMO_RECIPE
-from pipeline.report import variant_rows
-from pipeline.store import ArtifactStore
+from pipeline.cli import main
+from pipeline.cli.demo import DEMO_RECIPE
+from pipeline.cli.run import run_flow
+from pipeline.records.store import ArtifactStore
+from pipeline.review.tables import variant_rows
 from tests.conftest import optipipe_stderr
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import fx, nn
 
-from pipeline.data import DataBundle
 from pipeline.errors import StageError
-from pipeline.models import ONNX_FILE, OnnxRunner, TorchModel
+from pipeline.torchkit.data import DataBundle
+from pipeline.torchkit.handles import ONNX_FILE, TorchModel
+from pipeline.torchkit.runners import OnnxRunner
 from pipeline.zoo import digits_cnn, mlp, resnet_small
-from tests.conftest import DIGITS_INPUT_SHAPE, as_input
 from stages import export_onnx, fuse_conv_bn
+from tests.conftest import DIGITS_INPUT_SHAPE, as_input
 
 INPUT_SHAPE = DIGITS_INPUT_SHAPE
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -85,7 +86,7 @@ def outputs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 def fuse(context, tmp_path: Path, model: nn.Module, name: str = "fused", **params):
     """Run fuse_conv_bn on ``model`` in a workdir named after ``name``; returns (StageOutput, ctx)."""
     ctx = context(name)
-    return fuse_conv_bn.run(ctx, [as_input(model, tmp_path)], fuse_conv_bn.Params(**params)), ctx
+    return fuse_conv_bn.run(ctx, {"input": as_input(model, tmp_path)}, fuse_conv_bn.Params(**params)), ctx
 
 
 @pytest.mark.parametrize(
@@ -155,7 +156,7 @@ def export(context, tmp_path: Path, model: nn.Module | TorchModel, **params):
     """Run export_onnx on ``model``; returns (StageOutput, ctx)."""
     ctx = context("onnx")
     handle = model if isinstance(model, TorchModel) else as_input(model, tmp_path)
-    return export_onnx.run(ctx, [handle], export_onnx.Params(**params)), ctx
+    return export_onnx.run(ctx, {"input": handle}, export_onnx.Params(**params)), ctx
 
 
 def assert_runs_like_torch(path: Path, model: nn.Module, data: DataBundle, batch_sizes=(1, 5)) -> None:

@@ -1,4 +1,4 @@
-"""Tests of the GPU stages (tensorrt, precision) and of pipeline.gpu.
+"""Tests of the GPU stages (tensorrt, precision) and of pipeline.torchkit.gpu.
 
 Everywhere: without CUDA or TensorRT the stages skip or fail with the reason, parameters are checked,
 TensorRT is never imported just by importing the modules, and a foreign engine is refused clearly.
@@ -20,14 +20,16 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from pipeline import gpu
-from pipeline.data import DataBundle
 from pipeline.errors import StageError, StageUnavailable
-from pipeline.models import OnnxModel
-from pipeline.train import train_classifier
+from pipeline.torchkit import gpu
+from pipeline.torchkit.data import DataBundle
+from pipeline.torchkit.handles import OnnxModel
+from pipeline.torchkit.runners import TorchRunner
+from pipeline.torchkit.tensorrt_runner import TensorRTRunner
+from pipeline.torchkit.train import train_classifier
 from pipeline.zoo import digits_cnn, resnet_small
-from tests.conftest import DIGITS_INPUT_SHAPE, REPO_ROOT, as_input
 from stages import export_onnx, precision, tensorrt
+from tests.conftest import DIGITS_INPUT_SHAPE, REPO_ROOT, as_input
 
 INPUT_SHAPE = DIGITS_INPUT_SHAPE
 pytestmark = pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated:FutureWarning")
@@ -61,7 +63,7 @@ def test_tensorrt_skips_with_the_reason_where_it_cannot_run(context, tmp_path, k
     source = as_input(digits_cnn(), tmp_path) if kind == "torch" else OnnxModel(path=tmp_path / "model.onnx")
     ctx = context("trt")
     with pytest.raises(StageUnavailable) as raised:
-        tensorrt.run(ctx, [source], tensorrt.Params())
+        tensorrt.run(ctx, {"input": source}, tensorrt.Params())
     assert str(raised.value) == f"{reason}: TensorRT engine not built"
     assert not any(ctx.workdir.iterdir())
 
@@ -71,7 +73,7 @@ def test_tensorrt_fails_with_the_reason_when_asked_to(context, tmp_path):
     if reason is None:
         pytest.skip("CUDA and TensorRT are usable here")
     with pytest.raises(StageError) as raised:
-        tensorrt.run(context("trt"), [OnnxModel(path=tmp_path / "model.onnx")], tensorrt.Params(on_unavailable="fail"))
+        tensorrt.run(context("trt"), {"input": OnnxModel(path=tmp_path / "model.onnx")}, tensorrt.Params(on_unavailable="fail"))
     message = str(raised.value)
     assert not isinstance(raised.value, StageUnavailable)
     assert message.startswith(f"tensorrt: {reason}: TensorRT engine not built")
@@ -82,7 +84,7 @@ def test_missing_tensorrt_on_a_cuda_machine_names_tensorrt_and_the_install(conte
     monkeypatch.setattr(gpu, "cuda_status", lambda: None)
     monkeypatch.setattr(gpu, "tensorrt_status", lambda: "TensorRT not installed (ModuleNotFoundError: No module named 'tensorrt'): " + gpu.INSTALL_HINT)
     with pytest.raises(StageUnavailable, match=r"^TensorRT not installed \(.*optipipe\[tensorrt\].*: TensorRT engine not built$"):
-        tensorrt.run(context("trt"), [OnnxModel(path=tmp_path / "model.onnx")], tensorrt.Params())
+        tensorrt.run(context("trt"), {"input": OnnxModel(path=tmp_path / "model.onnx")}, tensorrt.Params())
 
 
 def test_torch_input_also_needs_torch_tensorrt(context, tmp_path, monkeypatch):
@@ -90,12 +92,12 @@ def test_torch_input_also_needs_torch_tensorrt(context, tmp_path, monkeypatch):
     monkeypatch.setattr(gpu, "tensorrt_status", lambda: None)
     monkeypatch.setattr(gpu, "torch_tensorrt_status", lambda: "torch-tensorrt not installed (x)")
     with pytest.raises(StageUnavailable, match=r"^torch-tensorrt not installed \(x\): TensorRT engine not built$"):
-        tensorrt.run(context("trt"), [as_input(digits_cnn(), tmp_path)], tensorrt.Params())
+        tensorrt.run(context("trt"), {"input": as_input(digits_cnn(), tmp_path)}, tensorrt.Params())
 
 
 def test_int8_from_a_torch_model_is_refused_on_any_machine(context, tmp_path):
     with pytest.raises(StageError, match=r"int8 from a torch model needs Q/DQ nodes .*needs: \[onnx\]"):
-        tensorrt.run(context("trt"), [as_input(digits_cnn(), tmp_path)], tensorrt.Params(precision="int8"))
+        tensorrt.run(context("trt"), {"input": as_input(digits_cnn(), tmp_path)}, tensorrt.Params(precision="int8"))
 
 
 def test_precision_skips_or_fails_without_cuda(context, tmp_path):
@@ -104,10 +106,10 @@ def test_precision_skips_or_fails_without_cuda(context, tmp_path):
         pytest.skip("a CUDA device is usable here")
     source = as_input(digits_cnn(), tmp_path)
     with pytest.raises(StageUnavailable) as raised:
-        precision.run(context("fp16"), [source], precision.Params())
+        precision.run(context("fp16"), {"input": source}, precision.Params())
     assert str(raised.value) == f"{reason}: FP16 CUDA model not built"
     with pytest.raises(StageError) as raised:
-        precision.run(context("bf16"), [source], precision.Params(dtype="bf16", on_unavailable="fail"))
+        precision.run(context("bf16"), {"input": source}, precision.Params(dtype="bf16", on_unavailable="fail"))
     assert not isinstance(raised.value, StageUnavailable)
     assert str(raised.value).startswith(f"precision: {reason}: BF16 CUDA model not built; set on_unavailable: skip")
 
@@ -137,14 +139,15 @@ def test_tensorrt_params_defaults_and_descriptions():
     assert tensorrt.Params(min_batch=4, opt_batch=4, max_batch=4).max_batch == 4
     with pytest.raises(ValidationError, match="dtype"):
         precision.Params(dtype="fp8")
-    assert (tensorrt.takes, tensorrt.inputs, tensorrt.makes, tensorrt.version) == (("torch", "onnx"), "one", "engine", 1)
-    assert (precision.takes, precision.inputs, precision.makes, precision.version) == (("torch",), "one", "torch", 1)
+    engine, cast = tensorrt.STAGE, precision.STAGE
+    assert (engine.takes, engine.inputs, engine.makes, engine.version) == (("torch", "onnx"), "one", "engine", 1)
+    assert (cast.takes, cast.inputs, cast.makes, cast.version) == (("torch",), "one", "torch", 1)
 
 
 def test_importing_the_gpu_modules_imports_no_tensorrt():
     code = (
-        "import sys, pipeline.gpu, stages.tensorrt, stages.precision\n"
-        "pipeline.gpu.cuda_status()\n"
+        "import sys, pipeline.torchkit.gpu, stages.tensorrt, stages.precision\n"
+        "pipeline.torchkit.gpu.cuda_status()\n"
         "print(sorted(name for name in ('tensorrt', 'torch_tensorrt') if name in sys.modules))"
     )
     completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -201,7 +204,7 @@ def test_tensorrt_runner_without_gpu_is_a_stage_error(tmp_path):
     if reason is None:
         pytest.skip("CUDA and TensorRT are usable here")
     with pytest.raises(StageError, match="^cannot run TensorRT engine model\\.engine: " + re.escape(reason)):
-        gpu.TensorRTRunner(tmp_path / "model.engine", {})
+        TensorRTRunner(tmp_path / "model.engine", {})
 
 
 # --- on a CUDA machine with TensorRT ------------------------------------------------------------------
@@ -238,8 +241,8 @@ def median_ms(predict, batch: np.ndarray, repeats: int = 50) -> float:
 
 def report_latency(label: str, engine_path: Path, meta: dict, model: nn.Module, data: DataBundle) -> None:
     batch = np.ascontiguousarray(data.eval_arrays[0][:64])
-    engine = gpu.TensorRTRunner(engine_path, meta)
-    eager = gpu.CudaTorchRunner(model.float(), torch.float32)
+    engine = TensorRTRunner(engine_path, meta)
+    eager = TorchRunner(model.float(), device="cuda", dtype=torch.float32)
     engine_ms, eager_ms = median_ms(engine.predict, batch), median_ms(eager.predict, batch)
     print(f"\n{label} on {meta['gpu_name']}: batch 64, TensorRT {engine_ms:.3f} ms vs FP32 eager {eager_ms:.3f} ms ({eager_ms / engine_ms:.2f}x)")
 
@@ -247,27 +250,27 @@ def report_latency(label: str, engine_path: Path, meta: dict, model: nn.Module, 
 @pytest.mark.gpu
 def test_fp16_engine_from_onnx_of_the_digits_model(context, tmp_path, data, tensorrt_ready):
     model = trained(digits_cnn, data)
-    onnx_output = export_onnx.run(context("onnx"), [as_input(model, tmp_path)], export_onnx.Params())
+    onnx_output = export_onnx.run(context("onnx"), {"input": as_input(model, tmp_path)}, export_onnx.Params())
     ctx = context("trt")
-    output = tensorrt.run(ctx, [onnx_output.product], tensorrt.Params(precision="fp16"))
+    output = tensorrt.run(ctx, {"input": onnx_output.product}, tensorrt.Params(precision="fp16"))
     metrics, meta = output.metrics, output.product.meta
     assert output.product.kind == "engine" and output.product.path == ctx.workdir / "model.engine"
     assert sorted(p.name for p in ctx.workdir.iterdir()) == ["model.engine"]
     assert metrics["agreement"] >= 0.99 and metrics["precision"] == "fp16" and metrics["engine_bytes"] > 0
     assert meta["gpu_name"] == torch.cuda.get_device_name() and meta["tensorrt_version"] and meta["input_name"] == "input"
-    runner = gpu.TensorRTRunner(output.product.path, meta)
+    runner = TensorRTRunner(output.product.path, meta)
     for size in (1, 5, 64, 100):  # inside the profile, and past max_batch (split into chunks)
         assert runner.predict(data.eval_arrays[0][:size]).shape == (size, 10)
     with pytest.raises(StageError, match="rebuild it here"):
-        gpu.TensorRTRunner(output.product.path, {**meta, "tensorrt_version": "9.0.0"})
+        TensorRTRunner(output.product.path, {**meta, "tensorrt_version": "9.0.0"})
     report_latency("digits_cnn fp16 engine (ONNX)", output.product.path, meta, model, data)
 
 
 @pytest.mark.gpu
 def test_int8_engine_from_onnx_is_calibrated_on_train_batches(context, tmp_path, data, tensorrt_ready):
     model = trained(digits_cnn, data)
-    onnx_output = export_onnx.run(context("onnx"), [as_input(model, tmp_path)], export_onnx.Params())
-    output = tensorrt.run(context("trt"), [onnx_output.product], tensorrt.Params(precision="int8", calibration_batches=8))
+    onnx_output = export_onnx.run(context("onnx"), {"input": as_input(model, tmp_path)}, export_onnx.Params())
+    output = tensorrt.run(context("trt"), {"input": onnx_output.product}, tensorrt.Params(precision="int8", calibration_batches=8))
     assert output.metrics["int8_calibrated"] is True and output.metrics["int8_qdq"] is False
     assert output.metrics["agreement"] >= 0.99
 
@@ -279,7 +282,7 @@ def test_fp16_engine_from_torch_resnet_small(context, tmp_path, data, tensorrt_r
         pytest.skip(reason)
     model = trained(resnet_small, data, epochs=3)
     ctx = context("trt")
-    output = tensorrt.run(ctx, [as_input(model, tmp_path)], tensorrt.Params(precision="fp16"))
+    output = tensorrt.run(ctx, {"input": as_input(model, tmp_path)}, tensorrt.Params(precision="fp16"))
     assert output.metrics["agreement"] >= 0.99 and output.metrics["source_kind"] == "torch"
     assert sorted(p.name for p in ctx.workdir.iterdir()) == ["model.engine", "model.ep"]
     assert output.product.meta["side_files"] == ["model.ep"]
@@ -294,7 +297,7 @@ def test_precision_casts_and_agrees_with_fp32_on_cuda(context, tmp_path, data, d
         pytest.skip(reason)
     model = trained(digits_cnn, data)
     ctx = context(dtype)
-    output = precision.run(ctx, [as_input(model, tmp_path)], precision.Params(dtype=dtype))
+    output = precision.run(ctx, {"input": as_input(model, tmp_path)}, precision.Params(dtype=dtype))
     assert output.metrics["agreement"] >= 0.99
     assert output.product.meta == {"format": "module", "device": "cuda", "dtype": dtype}
     loaded = output.product.load()

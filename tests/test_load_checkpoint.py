@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pipeline.errors import CheckpointError, RecipeError, StageError
-from pipeline.models import save_torch_module
 from pipeline.recipe import Recipe
-from pipeline.stage import StageContext
+from pipeline.run.contract import StageContext
+from pipeline.torchkit.handles import save_torch_module
 from pipeline.zoo import digits_cnn, mlp
 from stages import load_checkpoint, strip_optimizer
 
@@ -39,7 +39,7 @@ def make_context(tmp_path: Path, checkpoint: Path | None, name: str = "load", re
 def load(tmp_path: Path, checkpoint: Path, **params):
     """Run load_checkpoint on ``checkpoint`` and return its StageOutput."""
     ctx = make_context(tmp_path, checkpoint)
-    return load_checkpoint.run(ctx, [], load_checkpoint.Params(**params))
+    return load_checkpoint.run(ctx, {}, load_checkpoint.Params(**params))
 
 
 @pytest.fixture
@@ -298,12 +298,13 @@ def test_failing_factory_is_a_recipe_error(tmp_path, source_model):
     torch.save(source_model.state_dict(), path)
     recipe = make_recipe({"factory": "pipeline.zoo:digits_cnn", "kwargs": {"depth": 3}, "input_shape": [1, 1, 8, 8]})
     with pytest.raises(RecipeError, match="pipeline.zoo:digits_cnn"):
-        load_checkpoint.run(make_context(tmp_path, path, recipe=recipe), [], load_checkpoint.Params())
+        load_checkpoint.run(make_context(tmp_path, path, recipe=recipe), {}, load_checkpoint.Params())
 
 
 def test_declarations():
-    assert (load_checkpoint.takes, load_checkpoint.inputs, load_checkpoint.makes) == ((), "none", "torch")
-    assert (strip_optimizer.takes, strip_optimizer.inputs, strip_optimizer.makes) == (("torch",), "one", "torch")
+    load, strip = load_checkpoint.STAGE, strip_optimizer.STAGE
+    assert (load.takes, load.inputs, load.makes) == ((), "none", "torch")
+    assert (strip.takes, strip.inputs, strip.makes) == (("torch",), "one", "torch")
 
 
 def test_params_refuse_unknown_keys():
@@ -318,7 +319,7 @@ def test_strip_optimizer(tmp_path, source_model):
     torch.save(training_dict(source_model), path)
     loaded = load(tmp_path, path).product
     ctx = make_context(tmp_path, path, name="slim")
-    output = strip_optimizer.run(ctx, [loaded], strip_optimizer.Params())
+    output = strip_optimizer.run(ctx, {"input": loaded}, strip_optimizer.Params())
     state_dict = torch.load(output.product.path, map_location="cpu", weights_only=True)
     assert set(state_dict) == set(source_model.state_dict())
     assert output.product.path.parent == ctx.workdir
@@ -334,4 +335,4 @@ def test_strip_optimizer_refuses_a_changed_architecture(tmp_path):
     narrow = save_torch_module(digits_cnn(width=16).eval(), tmp_path)
     ctx = make_context(tmp_path, None, name="slim")
     with pytest.raises(StageError, match="right after load_checkpoint"):
-        strip_optimizer.run(ctx, [narrow], strip_optimizer.Params())
+        strip_optimizer.run(ctx, {"input": narrow}, strip_optimizer.Params())

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.nightly import NightlyError, newest_checkpoint, read_state
-from pipeline.store import ArtifactStore
+from pipeline.nightly.checkpoints import NightlyError, newest_checkpoint
+from pipeline.nightly.promotion import read_state
+from pipeline.records.store import ArtifactStore
 from tests.conftest import REPO_ROOT, optipipe_stderr
 
 NIGHTLY_RECIPE = REPO_ROOT / "recipes" / "nightly.yaml"

@@ -10,10 +10,10 @@ import torch
 from pydantic import ValidationError
 from torch import fx, nn
 
-from pipeline.complexity import count_macs, count_params
-from pipeline.data import build_data
 from pipeline.errors import StageError
-from pipeline.train import train_classifier
+from pipeline.torchkit.complexity import count_macs, count_params
+from pipeline.torchkit.data import build_data
+from pipeline.torchkit.train import train_classifier
 from pipeline.zoo import digits_cnn, mlp, resnet18, resnet_small
 from stages import fuse_conv_bn, prune
 from tests.conftest import DIGITS_INPUT_SHAPE, as_input, one_stage_recipe
@@ -64,12 +64,12 @@ def prune_model(context, tmp_path: Path, model: nn.Module, name: str = "pruned",
     """Run the prune stage on ``model``; returns (StageOutput, ctx)."""
     ctx = context(name)
     handle = as_input(model, tmp_path)
-    return prune.run(ctx, [handle], prune.Params.model_validate(params)), ctx
+    return prune.run(ctx, {"input": handle}, prune.Params.model_validate(params)), ctx
 
 
 def fused(context, tmp_path: Path, model: nn.Module) -> nn.Module:
     """``model`` with its BatchNorms folded by the fuse_conv_bn stage (a GraphModule, conv biases, no BN)."""
-    output = fuse_conv_bn.run(context("fused"), [as_input(model, tmp_path)], fuse_conv_bn.Params(require_fusion=True))
+    output = fuse_conv_bn.run(context("fused"), {"input": as_input(model, tmp_path)}, fuse_conv_bn.Params(require_fusion=True))
     return output.product.load()
 
 

@@ -10,15 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized.dynamic as nnqd
 from pydantic import ValidationError
 from torch import fx, nn
 
-import torch.ao.nn.intrinsic.quantized as nniq
-import torch.ao.nn.quantized.dynamic as nnqd
 from pipeline.errors import StageError
-from pipeline.models import TORCH_MODULE_FILE, TorchModel, TorchRunner
-from pipeline.stage import StageContext, StageOutput
-from pipeline.train import train_classifier
+from pipeline.run.contract import StageContext, StageOutput
+from pipeline.torchkit.handles import TORCH_MODULE_FILE, TorchModel
+from pipeline.torchkit.runners import TorchRunner
+from pipeline.torchkit.train import train_classifier
 from pipeline.zoo import digits_cnn, mlp
 from stages import fuse_conv_bn, quantize
 from tests.conftest import REPO_ROOT, as_input, one_stage_recipe
@@ -59,7 +60,7 @@ def quantized(trained_models, data, tmp_path_factory):
             workdir.mkdir()
             ctx = StageContext(name=case, workdir=workdir, recipe=one_stage_recipe(), checkpoint_path=None, load_data=lambda: data)
             model = trained_models[model_name]
-            output = quantize.run(ctx, [as_input(model, folder)], quantize.Params(**params))
+            output = quantize.run(ctx, {"input": as_input(model, folder)}, quantize.Params(**params))
             cache[case] = (output, model, workdir)
         return cache[case]
 
@@ -153,7 +154,8 @@ def test_artifacts_reload_and_predict_the_same_in_a_fresh_process(quantized, dat
         """
         import sys, numpy as np
         from pathlib import Path
-        from pipeline.models import TorchModel, TorchRunner
+        from pipeline.torchkit.handles import TorchModel
+        from pipeline.torchkit.runners import TorchRunner
         assert "stages.quantize" not in sys.modules
         inputs = np.load(sys.argv[1])
         for path in sys.argv[2:]:
@@ -169,9 +171,9 @@ def test_artifacts_reload_and_predict_the_same_in_a_fresh_process(quantized, dat
 
 
 def test_static_takes_fuse_conv_bn_graph_module_as_in_the_cpu_int8_recipe(trained_models, context, tmp_path):
-    fused = fuse_conv_bn.run(context("fused"), [as_input(trained_models["digits_cnn"], tmp_path)], fuse_conv_bn.Params())
+    fused = fuse_conv_bn.run(context("fused"), {"input": as_input(trained_models["digits_cnn"], tmp_path)}, fuse_conv_bn.Params())
     assert fused.metrics["method"] == "fx" and fused.metrics["fused_pairs"] == 3
-    output = quantize.run(context("int8"), [fused.product], quantize.Params(mode="static", calibration_batches=4))
+    output = quantize.run(context("int8"), {"input": fused.product}, quantize.Params(mode="static", calibration_batches=4))
     assert output.metrics["calibration_batches"] == 4
     assert output.metrics["quantized_layers"] == {"ConvReLU2d": 3, "Linear": 1}
     assert output.metrics["agreement"] >= MIN_AGREEMENT
@@ -205,13 +207,13 @@ class Branchy(nn.Module):
 def test_dynamic_on_a_conv_only_model_names_the_supported_layers_and_static(context, tmp_path):
     message = r"mode dynamic quantizes only Linear/LSTM/GRU layers and the model has none \(its layers: Conv2d\); use mode: static"
     with pytest.raises(StageError, match=message):
-        quantize.run(context("conv-only"), [as_input(ConvOnly(), tmp_path)], quantize.Params(mode="dynamic"))
+        quantize.run(context("conv-only"), {"input": as_input(ConvOnly(), tmp_path)}, quantize.Params(mode="dynamic"))
 
 
 @pytest.mark.parametrize("mode", ["static", "qat"])
 def test_untraceable_model_is_one_line_naming_the_mode_and_the_ways_out(context, tmp_path, mode):
     with pytest.raises(StageError) as caught:
-        quantize.run(context(mode), [as_input(Branchy(), tmp_path)], quantize.Params(mode=mode))
+        quantize.run(context(mode), {"input": as_input(Branchy(), tmp_path)}, quantize.Params(mode=mode))
     message = str(caught.value)
     assert "\n" not in message
     assert f"mode {mode} could not trace and prepare the model with torch.fx (TraceError: " in message

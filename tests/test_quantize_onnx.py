@@ -10,8 +10,9 @@ import onnxruntime
 import pytest
 
 from pipeline.errors import StageError
-from pipeline.models import ONNX_FILE, OnnxModel, OnnxRunner
-from pipeline.stage import StageContext
+from pipeline.run.contract import StageContext
+from pipeline.torchkit.handles import ONNX_FILE, OnnxModel
+from pipeline.torchkit.runners import OnnxRunner
 from stages import export_onnx, load_checkpoint, quantize_onnx
 from tests.conftest import one_stage_recipe
 
@@ -37,14 +38,14 @@ def fp32_onnx(tmp_path_factory, demo_checkpoint, data) -> OnnxModel:
     folder = tmp_path_factory.mktemp("fp32")
     load_ctx = make_context(folder / "load", data)
     load_ctx.checkpoint_path = demo_checkpoint
-    loaded = load_checkpoint.run(load_ctx, [], load_checkpoint.Params())
-    return export_onnx.run(make_context(folder / "onnx", data), [loaded.product], export_onnx.Params()).product
+    loaded = load_checkpoint.run(load_ctx, {}, load_checkpoint.Params())
+    return export_onnx.run(make_context(folder / "onnx", data), {"input": loaded.product}, export_onnx.Params()).product
 
 
 def quantize(context, fp32_onnx: OnnxModel, **params):
     """Run quantize_onnx with ``params`` in a fresh workdir; returns (StageOutput, ctx)."""
     ctx = context("int8")
-    return quantize_onnx.run(ctx, [fp32_onnx], quantize_onnx.Params(**params)), ctx
+    return quantize_onnx.run(ctx, {"input": fp32_onnx}, quantize_onnx.Params(**params)), ctx
 
 
 def assert_agrees_with_fp32(path: Path, fp32_onnx: OnnxModel, data, min_agreement: float = MIN_AGREEMENT) -> None:
@@ -124,8 +125,8 @@ def test_fixed_batch_model_fails_calibration_with_export_advice(tmp_path_factory
     folder = tmp_path_factory.mktemp("fixed-batch")
     load_ctx = make_context(folder / "load", data)
     load_ctx.checkpoint_path = demo_checkpoint
-    loaded = load_checkpoint.run(load_ctx, [], load_checkpoint.Params())
-    fixed = export_onnx.run(make_context(folder / "onnx", data), [loaded.product], export_onnx.Params(dynamic_batch=False)).product
+    loaded = load_checkpoint.run(load_ctx, {}, load_checkpoint.Params())
+    fixed = export_onnx.run(make_context(folder / "onnx", data), {"input": loaded.product}, export_onnx.Params(dynamic_batch=False)).product
     with pytest.raises(StageError, match=r"failed in static mode \(.*invalid dimensions.*export it with dynamic_batch: true$"):
         quantize(context, fixed, calibration_batches=1)
 

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import RecipeError
-from pipeline.recipe import load_recipe, recipe_json_schema
+from pipeline.recipe import load_recipe
+from pipeline.recipe.json_schema import recipe_json_schema
 
 HEADER = """name: t
 model: {factory: pipeline.zoo:digits_cnn, input_shape: [1, 1, 8, 8]}
@@ -123,7 +124,7 @@ def test_cli_validate_and_schema(write_recipe, capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "stages" in schema["properties"]
-    assert "opset" in schema["$defs"]["StageParameters"]["export_onnx"]["properties"]
+    assert "opset" in schema["$defs"]["export_onnx.Params"]["properties"]
     assert schema == recipe_json_schema()
     references = set(re.findall(r'"\$ref": "#/\$defs/([^"]+)"', json.dumps(schema)))
     assert references and references <= set(schema["$defs"]), "every $ref must resolve inside the schema"

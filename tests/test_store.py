@@ -7,19 +7,23 @@ import json
 import pytest
 
 from pipeline.errors import StoreError
-from pipeline.store import ArtifactStore, canonical_json
+from pipeline.records.store import ArtifactStore, canonical_json
+from pipeline.run.identity import cache_key
 
 
 def publish(store: ArtifactStore, key: str, payload: bytes = b"weights") -> object:
     workdir = store.new_workdir("stage")
     (workdir / "model.bin").write_bytes(payload)
-    return store.publish(key, workdir, "model.bin", {"stage": "s", "uses": "u", "kind": "torch", "metrics": {}})
+    return store.publish(key, workdir, "model.bin", {
+        "stage": "s", "uses": "u", "kind": "torch", "metrics": {}, "seconds": 0.1, "peak_rss_bytes": 1, "versions": {},
+        "cache_payload": {}, "run_id": "r", "created_at": "2026-12-01T00:00:00+00:00",
+    })
 
 
 def test_cache_key_is_canonical_and_full_sha256():
-    first = ArtifactStore.cache_key({"b": 1, "a": [1, 2]})
-    assert first == ArtifactStore.cache_key({"a": [1, 2], "b": 1})
-    assert len(first) == 64 and first != ArtifactStore.cache_key({"a": [2, 1], "b": 1})
+    first = cache_key({"b": 1, "a": [1, 2]})
+    assert first == cache_key({"a": [1, 2], "b": 1})
+    assert len(first) == 64 and first != cache_key({"a": [2, 1], "b": 1})
     assert canonical_json({"b": 1, "a": 2}) == '{"a":2,"b":1}'
 
 
@@ -51,6 +55,15 @@ def test_tampered_artifact_is_refused_and_quarantined(tmp_path):
         store.verify(artifact)
     assert store.find("k1") is None
     assert not artifact.path.exists() and any((tmp_path / "quarantine").iterdir())
+
+
+def test_a_manifest_missing_a_declared_field_is_not_published(tmp_path):
+    store = ArtifactStore(tmp_path)
+    workdir = store.new_workdir("stage")
+    (workdir / "model.bin").write_bytes(b"weights")
+    with pytest.raises(ValueError, match="seconds"):
+        store.publish("k1", workdir, "model.bin", {"stage": "s", "uses": "u", "kind": "torch"})
+    assert store.read("k1") is None
 
 
 def test_unwritable_store_names_the_fix(tmp_path):

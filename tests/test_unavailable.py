@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cli import run_flow
-from pipeline.gpu import cuda_status
-from pipeline.report import variant_rows
+from pipeline.cli.run import run_flow
+from pipeline.review.tables import variant_rows
+from pipeline.torchkit.gpu import cuda_status
 from tests.conftest import REPO_ROOT, run_without_prefect
 
 GPU_RECIPE = REPO_ROOT / "recipes" / "gpu-tensorrt.yaml"

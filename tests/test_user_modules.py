@@ -10,8 +10,9 @@ import torch
 from pipeline.cli import main
 from pipeline.errors import RecipeError
 from pipeline.recipe import load_recipe
-from pipeline.session import RunSession
-from pipeline.store import ArtifactStore
+from pipeline.records.store import ArtifactStore, sha256_file
+from pipeline.run.engine import run_plan
+from pipeline.run.identity import RunIdentity, cache_key, cache_payload
 from pipeline.zoo import mlp
 
 USER_MODULE = '''
@@ -61,11 +62,7 @@ def test_user_model_and_data_factory_from_the_recipe_folder(tmp_path, monkeypatc
     model.train()(torch.randn(32, 12))  # non-trivial BatchNorm statistics
     checkpoint_path = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), checkpoint_path)
-    session = RunSession(plan, ArtifactStore(tmp_path / "store"), checkpoint_path)
-    session.start()
-    for name in plan.order:
-        session.execute(name)
-    record = session.finish()
+    record = run_plan(plan, ArtifactStore(tmp_path / "store"), checkpoint_path)
     assert record["state"] == "succeeded", record["message"]
     fused = next(stage for stage in record["stages"] if stage["name"] == "fused")
     assert fused["metrics"]["fused_pairs"] == 1
@@ -74,10 +71,11 @@ def test_user_model_and_data_factory_from_the_recipe_folder(tmp_path, monkeypatc
     assert check["metrics"]["baseline"]["samples"] == 96
     first_keys = [stage["key"] for stage in record["stages"]]
 
-    # editing the user's module changes every cache key: no stale artifact is reused
-    (tmp_path / "user_models_a.py").write_text(USER_MODULE + "\n# edited\n")
-    edited = RunSession(load_recipe(recipe_path), ArtifactStore(tmp_path / "store"), checkpoint_path)
-    assert edited.store.cache_key(edited.cache_payload("load")) != first_keys[plan.order.index("load")]
+    # editing the user's module's code changes every cache key: no stale artifact is reused
+    (tmp_path / "user_models_a.py").write_text(USER_MODULE + "\nEDITED = True\n")
+    edited = load_recipe(recipe_path)
+    identity = RunIdentity.of(edited, sha256_file(checkpoint_path))
+    assert cache_key(cache_payload(edited, "load", identity, [], None)) != first_keys[plan.order.index("load")]
 
 
 def test_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
@@ -126,10 +124,9 @@ def test_a_student_factory_is_checked_with_the_recipe_and_keys_its_stage(tmp_pat
     torch.save(mlp().state_dict(), checkpoint_path)
 
     def student_key() -> str:
-        session = RunSession(load_recipe(recipe_path), ArtifactStore(tmp_path / "store"), checkpoint_path)
-        session.artifacts["load"] = session.store.read(session.execute("load").key)
-        return session.store.cache_key(session.cache_payload("student"))
+        record = run_plan(load_recipe(recipe_path), ArtifactStore(tmp_path / "store"), checkpoint_path)
+        return next(stage["key"] for stage in record["stages"] if stage["name"] == "student")
 
     before = student_key()
-    student_module.write_text(student_module.read_text() + "# edited\n")
+    student_module.write_text(student_module.read_text() + "EDITED = True\n")
     assert student_key() != before, "editing the student's module must rebuild the distill stage"

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import torch
 
-from pipeline.data import build_data
-from pipeline.evaluate import compare_logits
-from pipeline.models import save_torch_module
-from pipeline.stage import StageContext
+from pipeline.run.contract import StageContext
+from pipeline.torchkit.data import build_data
+from pipeline.torchkit.evaluate import compare_logits
+from pipeline.torchkit.handles import save_torch_module
+from pipeline.torchkit.train import train_classifier
 from pipeline.zoo import digits_cnn
-from pipeline.train import train_classifier
-from tests.conftest import one_stage_recipe
 from stages import validate
+from tests.conftest import one_stage_recipe
 
 RECIPE = one_stage_recipe()
 
@@ -45,9 +45,9 @@ def test_variant_over_the_allowed_drop_is_rejected(tmp_path):
     workdir.mkdir()
     context = StageContext(
         name="check", workdir=workdir, recipe=RECIPE, checkpoint_path=None, load_data=lambda: data,
-        input_names=["same", "damaged"], baseline=handles[0], baseline_name="load",
+        baseline=handles[0], baseline_name="load",
     )
-    output = validate.run(context, handles[1:], validate.Params(max_accuracy_drop=0.01))
+    output = validate.run(context, {"same": handles[1], "damaged": handles[2]}, validate.Params(max_accuracy_drop=0.01))
     variants = output.metrics["variants"]
     assert variants["same"]["status"] == "accepted" and variants["same"]["agreement"] == 1.0
     assert variants["damaged"]["status"] == "rejected"

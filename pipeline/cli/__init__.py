@@ -1,0 +1,131 @@
+"""The ``optipipe`` command: run recipes, check them, review runs, re-optimize nightly.
+
+One module per command group (``run``, ``review``, ``nightly``, ``demo``); this one parses arguments and
+turns outcomes into exit codes: 0 success; 1 the run finished but ``validate`` rejected a variant (or
+``diff`` found a regression); 2 bad input (recipe, checkpoint, data, store), printed as one line naming
+the file, field and fix; 3 an internal error (a bug), printed as one line naming the log file that holds
+its traceback; 130 interrupted. ``--debug`` shows the traceback of either kind of error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import traceback
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from pipeline.cli import demo as demo_commands
+from pipeline.cli import nightly as nightly_commands
+from pipeline.cli import review as review_commands
+from pipeline.cli import run as run_commands
+from pipeline.cli.common import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, STORE_ENV
+from pipeline.errors import OptipipeError, one_line
+from pipeline.progress import QUIET_ENV
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="optipipe", description="Optimize PyTorch checkpoints with recipes of stages.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or Prefect logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, store: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        if store:
+            sub.add_argument("--store", help=f"artifact store folder (default ${STORE_ENV} or ./artifacts)")
+        return sub
+
+    run = add("run", run_commands.command_run, "run a recipe on a checkpoint")
+    run.add_argument("recipe")
+    run.add_argument("--checkpoint", required=True, help="the training checkpoint to optimize")
+    run.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
+    validate = add("validate", run_commands.command_validate, "check a recipe without running it", store=False)
+    validate.add_argument("recipe")
+    validate.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE")
+    schema = add("schema", run_commands.command_schema, "print the recipe JSON Schema (--records: the JSON Schemas of the files optipipe writes)", store=False)
+    schema.add_argument("--records", action="store_true", help="print the JSON Schemas of manifests, run records, reports and nightly state")
+    runs = add("runs", review_commands.command_runs, "list runs, newest first")
+    runs.add_argument("--json", action="store_true")
+    show = add("show", review_commands.command_show, "show one run's stages and variants")
+    show.add_argument("run", help="run id, unique prefix, or 'latest'")
+    show.add_argument("--json", action="store_true")
+    diff = add("diff", review_commands.command_diff, "compare two runs: identical artifacts, changed parameters, accuracy/latency/size deltas")
+    diff.add_argument("run_a", help="run id, unique prefix, or 'latest'")
+    diff.add_argument("run_b")
+    diff.add_argument("--max-accuracy-drop", type=float, default=0.0, help="top-1 drop (fraction) flagged as a regression")
+    diff.add_argument("--max-latency-increase", type=float, default=None, help="latency growth (fraction) flagged as a regression")
+    diff.add_argument(
+        "--latency-basis", choices=["baseline", "absolute"], default="baseline",
+        help="judge latency as a multiple of the FP32 baseline timed in the same run (default: cancels machine-load "
+        "drift between runs) or in absolute milliseconds",
+    )
+    diff.add_argument("--json", action="store_true")
+    report = add("report", review_commands.command_report, "write a run's review page: HTML with plots, or Markdown for PR comments")
+    report.add_argument("run", help="run id, unique prefix, or 'latest'")
+    report.add_argument("--html", metavar="FILE", help="write the HTML page here (default without --md: <store>/reports/RUN.html)")
+    report.add_argument("--md", metavar="FILE", help="write Markdown here ('-' prints it)")
+    nightly = add("nightly", nightly_commands.command_nightly, "optimize the newest checkpoint now and compare with the last good nightly run")
+    nightly.add_argument("recipe")
+    nightly.add_argument("--checkpoints", required=True, help="folder (or glob) the training job writes checkpoints to")
+    nightly.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
+    latest = add("latest", nightly_commands.command_latest, "print the model file of a variant of a recipe's newest good nightly run")
+    latest.add_argument("recipe", help="recipe file or recipe name")
+    latest.add_argument("--variant", required=False, default=None, help="stage name of the variant, e.g. onnx")
+    latest.add_argument("--json", action="store_true", help="print the whole 'latest' entry")
+    schedule = add("schedule", nightly_commands.command_schedule, "schedule nightly re-optimization of the newest checkpoint as a Prefect deployment")
+    schedule.add_argument("recipe", nargs="?")
+    schedule.add_argument("--checkpoints", help="folder (or glob) the training job writes checkpoints to")
+    schedule.add_argument("--cron", help="cron expression, e.g. '0 2 * * *' (02:00 daily)")
+    schedule.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule (default UTC)")
+    schedule.add_argument("--name", help="deployment name (default: the recipe's name)")
+    schedule.add_argument("--work-pool", help="register for this work pool's workers instead of serving here")
+    schedule.add_argument("--list", action="store_true", help="list the nightly deployments and their schedules")
+    schedule.add_argument("--remove", metavar="NAME", help="delete the deployment nightly/NAME")
+    schedule.add_argument("--json", action="store_true")
+    gc = add("gc", review_commands.command_gc, "remove artifacts that neither the newest N runs nor a running run reference")
+    gc.add_argument("--keep", type=int, default=10, help="how many of the newest runs keep their artifacts (default 10)")
+    demo = add("demo", demo_commands.command_demo, "train the digits baseline and run recipes/demo.yaml on it")
+    demo.add_argument("--out", default="demo-out", help="folder for the demo checkpoint")
+    demo.add_argument("--epochs", type=int, default=15)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``optipipe`` command; see the module docstring for its exit codes."""
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        os.environ[QUIET_ENV] = "1"
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    try:
+        return args.handler(args)
+    except OptipipeError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # a bug, not bad input: keep the traceback where the user can find it
+        if args.debug:
+            raise
+        log_path = write_crash_log(error)
+        print(f"internal error (a bug in optipipe, not your input): {one_line(error)}; traceback in {log_path}; "
+              "--debug shows it", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def write_crash_log(error: BaseException) -> Path:
+    """Write the traceback of an unexpected exception to a file in the temporary folder; returns its path."""
+    descriptor, path = tempfile.mkstemp(prefix=f"optipipe-crash-{datetime.now():%Y%m%d-%H%M%S}-", suffix=".log")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as log:
+        log.write("".join(traceback.format_exception(error)))
+    return Path(path)
+
+

@@ -1,0 +1,63 @@
+"""What every command shares: the console, exit codes, the store option, JSON output, a finished run's summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+EXIT_REJECTED = 1
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
+STORE_ENV = "OPTIPIPE_STORE"
+
+# Off a terminal (pipes, CI logs) rich would squeeze tables into 80 columns; give them room instead.
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def store_root(args: argparse.Namespace) -> str:
+    """The store folder: --store, else $OPTIPIPE_STORE, else ./artifacts."""
+    return args.store or os.environ.get(STORE_ENV) or "artifacts"
+
+
+def open_store(args: argparse.Namespace):
+    """The artifact store the command works on."""
+    from pipeline.records.store import ArtifactStore
+
+    return ArtifactStore(store_root(args))
+
+
+def print_json(value: Any) -> None:
+    """Print ``value`` as indented JSON with sorted keys."""
+    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def finish_run(record: dict[str, Any], debug: bool = False) -> int:
+    """Print a finished run's stages and variants; the exit code its outcome deserves.
+
+    0 succeeded; 1 a variant was rejected; 3 a stage failed with an internal error (its traceback is in the
+    log file the message names, and printed with --debug); 2 any other failure (bad input).
+    """
+    from pipeline.review.tables import stages_table, variant_rows, variants_table
+
+    console.print(stages_table(record))
+    if variant_rows(record):
+        console.print(variants_table(record))
+    console.print(f"run {record['run_id']}: {record['state']} in {record['seconds']:.1f}s")
+    if record["state"] == "succeeded":
+        return 0
+    print(f"error: run {record['run_id']} {record['state']}: {record['message']}", file=sys.stderr)
+    internal = [stage for stage in record["stages"] if stage.get("error") == "internal"]
+    if debug:
+        for stage in internal:
+            print(Path(stage["log"]).read_text(encoding="utf-8"), file=sys.stderr)
+    if internal:
+        return EXIT_INTERNAL_ERROR
+    states = {stage["state"] for stage in record["stages"]}
+    return EXIT_REJECTED if "rejected" in states and "failed" not in states else EXIT_USER_ERROR

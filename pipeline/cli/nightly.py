@@ -1,0 +1,95 @@
+"""Commands of nightly re-optimization: nightly (one night now), latest, schedule."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.cli.common import EXIT_REJECTED, EXIT_USER_ERROR, console, finish_run, open_store, print_json, store_root
+from pipeline.errors import OptipipeError
+
+
+def recipe_name(reference: str) -> str:
+    """A recipe's name from its file, or the reference itself when it names no file."""
+    if Path(reference).is_file():
+        from pipeline.recipe import load_recipe
+
+        return load_recipe(reference, []).recipe.name
+    return reference
+
+
+def command_latest(args: argparse.Namespace) -> int:
+    """optipipe latest RECIPE --variant NAME"""
+    from pipeline.nightly.promotion import latest_artifact, read_state
+
+    store = open_store(args)
+    name = recipe_name(args.recipe)
+    if not args.json and not args.variant:
+        raise OptipipeError("latest needs --variant NAME (a stage name such as onnx), or --json for the whole entry")
+    if args.json:
+        print_json(read_state(store, name)["latest"])
+        return 0
+    print(latest_artifact(store, name, args.variant))
+    return 0
+
+
+def command_nightly(args: argparse.Namespace) -> int:
+    """optipipe nightly RECIPE --checkpoints DIR: one night by hand, as the schedule would run it."""
+    from pipeline.recipe import load_recipe
+    from pipeline.records.store import ArtifactStore
+
+    load_recipe(args.recipe, args.set or [])
+    ArtifactStore(store_root(args)).ensure_writable()
+    from flows import nightly
+
+    state = nightly(args.recipe, args.checkpoints, store_root(args), args.set or [], return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, OptipipeError):
+        raise outcome
+    if isinstance(outcome, dict):
+        finish_run(outcome, args.debug)
+    if state.is_completed():
+        console.print(f"promoted run {outcome['run_id']} to latest")
+        return 0
+    print(f"error: {state.message}", file=sys.stderr)
+    return EXIT_REJECTED if "regressions vs run" in (state.message or "") else EXIT_USER_ERROR
+
+
+def command_schedule(args: argparse.Namespace) -> int:
+    """optipipe schedule RECIPE --checkpoints DIR --cron CRON | --list | --remove NAME"""
+    from pipeline.nightly import schedule
+
+    url = schedule.api_url()
+    if args.list:
+        deployments = schedule.list_deployments()
+        if args.json:
+            print_json(deployments)
+            return 0
+        for deployment in deployments:
+            crons = ", ".join(f"{item['cron']} ({item['timezone']}){'' if item['active'] else ' paused'}" for item in deployment["schedules"])
+            pool = deployment["work_pool"] or "served by 'optipipe schedule'"
+            console.print(f"nightly/{deployment['name']}: {crons or 'no schedule'} · {pool} · {deployment['parameters']}")
+        return 0
+    if args.remove:
+        schedule.remove(args.remove)
+        console.print(f"removed deployment nightly/{args.remove} from {url}")
+        return 0
+    if not args.recipe or not args.checkpoints or not args.cron:
+        raise OptipipeError("schedule needs RECIPE, --checkpoints DIR and --cron '0 2 * * *' (or --list, or --remove NAME)")
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, [])
+    schedule.check_cron(args.cron, args.timezone)
+    spec = schedule.NightlySchedule(
+        name=args.name or recipe.recipe.name, recipe=str(Path(args.recipe).resolve()), checkpoints=str(Path(args.checkpoints).resolve()),
+        store=str(Path(store_root(args)).resolve()), cron=args.cron, timezone=args.timezone,
+    )
+    if args.work_pool:
+        deployment_id = schedule.register(spec, args.work_pool)
+        console.print(f"deployment nightly/{spec.name} ({deployment_id}) on {url}: '{spec.cron}' {spec.timezone}, work pool '{args.work_pool}'; "
+                      f"start a worker with: prefect worker start --pool {args.work_pool}")
+        return 0
+    console.print(f"serving deployment nightly/{spec.name} on {url}: '{spec.cron}' {spec.timezone}; Ctrl-C stops serving")
+    schedule.serve(spec)
+    return 0

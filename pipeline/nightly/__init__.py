@@ -1,0 +1,1 @@
+"""Nightly re-optimization: checkpoint choice, verdicts and promotion, Prefect schedules."""

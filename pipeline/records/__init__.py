@@ -1,0 +1,1 @@
+"""The declared on-disk shapes, the artifact store and its garbage collection (torch-free)."""

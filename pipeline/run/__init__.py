@@ -1,0 +1,1 @@
+"""Running a plan: the stage contract, the registry of stages, cache identity and the executor."""

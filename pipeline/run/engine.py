@@ -1,0 +1,155 @@
+"""``run_plan``: the rules of a run, in one place, for the Prefect flow, the tests and the benchmarks alike.
+
+A stage starts once every stage it waits for has ended. It is skipped, with the reason, when a stage it
+needs failed (or was itself skipped for that), or when an input it cannot do without was skipped
+because its hardware is missing; a stage taking many inputs (validate, benchmark) goes on with those
+that exist. ``runs_alone`` stages wait for every other stage, but only to keep timings clean: a failure
+elsewhere does not skip them. Where stages run is the caller's choice: ``submit`` hands a plain
+``StageCall`` to a thread, a Prefect task or another process, and returns something with ``.result()``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.errors import CheckpointError, one_line
+from pipeline.recipe.plan import Plan
+from pipeline.records.models import StageResult
+from pipeline.records.store import ArtifactStore, sha256_file
+from pipeline.run.executor import StageCall, execute
+from pipeline.run.record import RunRecorder, new_run_id
+from pipeline.run.registry import declaration
+
+
+class Pending(Protocol):
+    """A submitted stage: ``result()`` blocks until it ends and returns its StageResult."""
+
+    def result(self) -> StageResult: ...
+
+
+Submit = Callable[[StageCall], Pending]
+
+
+def check_checkpoint_file(checkpoint_path: Path) -> None:
+    """Raise ``CheckpointError`` unless ``checkpoint_path`` is an existing file."""
+    if not checkpoint_path.exists():
+        raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
+    if not checkpoint_path.is_file():
+        raise CheckpointError(f"checkpoint {checkpoint_path} is a folder; give the checkpoint file inside it")
+
+
+def in_threads(max_workers: int = 1) -> tuple[Submit, Callable[[], None]]:
+    """A submit function running stages in a local thread pool (1 worker: one after another), and its closer."""
+    pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="stage")
+    return (lambda call: pool.submit(execute, call)), lambda: pool.shutdown(wait=False, cancel_futures=True)
+
+
+class PlanRun:
+    """The state of one run of a plan while ``run_plan`` drives it."""
+
+    def __init__(self, plan: Plan, recorder: RunRecorder):
+        self.plan = plan
+        self.recorder = recorder
+        self.keys: dict[str, str] = {}  # stage -> artifact key, for stages that produced one
+        self.blocked: set[str] = set()  # stages that failed, or were skipped because something they need failed
+
+    def ended(self, name: str) -> bool:
+        """Whether stage ``name`` has a result."""
+        return name in self.recorder.results
+
+    def skip_reason(self, name: str) -> str | None:
+        """Why stage ``name`` cannot run now that its upstream stages have ended (None: it can run)."""
+        needed = list(self.plan.needs_of(name))
+        if self.plan.uses_baseline(name):
+            needed.append(self.plan.baseline)
+        failed = [upstream for upstream in needed if upstream in self.blocked]
+        if failed:
+            return f"not run: upstream stage '{failed[0]}' did not finish"
+        missing = [upstream for upstream in self.plan.needs_of(name) if upstream not in self.keys]
+        if self.plan.uses_baseline(name) and self.plan.baseline not in self.keys:
+            return self.recorder.results[self.plan.baseline].reason
+        many = declaration(self.plan.recipe.stages[name].uses).inputs == "many"
+        if missing and not (many and len(missing) < len(self.plan.needs_of(name))):
+            return self.recorder.results[missing[0]].reason
+        return None
+
+    def call(self, name: str, template: StageCall) -> StageCall:
+        """The plain arguments of running stage ``name``: its upstream artifact keys and the baseline's."""
+        inputs = {upstream: self.keys[upstream] for upstream in self.plan.needs_of(name) if upstream in self.keys}
+        baseline_key = self.keys[self.plan.baseline] if self.plan.uses_baseline(name) else None
+        return StageCall(**{**template.as_dict(), "overrides": template.overrides, "stage": name,
+                            "inputs": inputs, "baseline_key": baseline_key})
+
+    def end(self, result: StageResult) -> None:
+        """Record ``result`` and remember what it made, or that it failed."""
+        if result.key and result.state in ("done", "cached"):
+            self.keys[result.name] = result.key
+        if result.state == "failed" or (result.state == "skipped" and (result.reason or "").startswith("not run:")):
+            self.blocked.add(result.name)
+        self.recorder.add(result)
+
+
+def run_plan(plan: Plan, store: ArtifactStore, checkpoint_path: Path | str, *, overrides: list[str] | None = None,
+             run_id: str | None = None, submit: Submit | None = None) -> dict[str, Any]:
+    """Run every stage of ``plan`` on the checkpoint, by the rules above; returns the closed run record.
+
+    Ctrl-C marks the run ``cancelled`` (its finished artifacts stay; a re-run resumes from the cache) and
+    is raised again.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    check_checkpoint_file(checkpoint_path)
+    checkpoint_sha256 = sha256_file(checkpoint_path)
+    run_id = run_id or new_run_id()
+    recorder = RunRecorder(plan, store, str(checkpoint_path), checkpoint_sha256, run_id)
+    recorder.start()
+    template = StageCall(recipe_path=str(plan.path), overrides=tuple(overrides or ()), recipe_digest=plan.digest,
+                         store_root=str(store.root), checkpoint_path=str(checkpoint_path),
+                         checkpoint_sha256=checkpoint_sha256, run_id=run_id, stage="")
+    closer = None
+    if submit is None:
+        submit, closer = in_threads()
+    state = PlanRun(plan, recorder)
+    try:
+        drive(state, template, submit)
+    except KeyboardInterrupt:
+        recorder.finish("cancelled", "interrupted (Ctrl-C); finished stages are kept and a re-run resumes from the cache")
+        raise
+    finally:
+        if closer is not None:
+            closer()
+    return recorder.finish()
+
+
+def wait_for_result(pending: Pending, call: StageCall, uses: str, ended: queue.Queue[StageResult]) -> None:
+    """Put the stage's result on ``ended``; a task runner that lost the stage gives a failed result, not a hang."""
+    try:
+        result = pending.result()
+    except Exception as error:  # the task runner itself failed (a worker died): the run goes on without the stage
+        result = StageResult(name=call.stage, uses=uses, state="failed", error="internal",
+                             reason=f"stage '{call.stage}' was lost by the task runner: {one_line(error)}")
+    ended.put(result)
+
+
+def drive(state: PlanRun, template: StageCall, submit: Submit) -> None:
+    """Start each stage as soon as what it waits for has ended, until every stage has a result."""
+    plan = state.plan
+    ended: queue.Queue[StageResult] = queue.Queue()
+    started: set[str] = set()
+    while not all(state.ended(name) for name in plan.order):
+        for name in plan.order:
+            if name in started or not all(state.ended(upstream) for upstream in plan.waits_for(name)):
+                continue
+            started.add(name)
+            reason = state.skip_reason(name)
+            if reason is not None:
+                state.end(StageResult(name=name, uses=plan.recipe.stages[name].uses, state="skipped", reason=reason))
+                continue
+            call = state.call(name, template)
+            threading.Thread(target=wait_for_result, args=(submit(call), call, plan.recipe.stages[name].uses, ended), daemon=True).start()
+        if not all(state.ended(name) for name in plan.order) and len(started) > len(state.recorder.results):
+            state.end(ended.get())

@@ -1,0 +1,208 @@
+"""Executes one stage: reuse its cached artifact, or run it and publish what it made.
+
+``execute(call)`` takes only plain, serializable arguments (``StageCall``: recipe path, store root, stage
+name, upstream artifact keys), so the same function runs in a thread of ``optipipe run``, in a Prefect
+task, or in another process: it rebuilds the plan, the store and the data it needs from them. It always
+returns a ``StageResult``: deliberate ``OptipipeError``s become one-line failures, anything else is an
+internal error whose traceback is kept in a log file beside the run record. Ctrl-C is not a failure: it
+propagates. Stages that declare ``exclusive`` run holding the process's torch lock, taken here and
+nowhere else; the time spent waiting for it is recorded apart from the stage's own seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import OptipipeError, RecipeError, StageError, StageUnavailable, one_line
+from pipeline.recipe.plan import Plan, load_recipe
+from pipeline.records.models import StageResult
+from pipeline.records.store import Artifact, ArtifactStore
+from pipeline.run.contract import StageContext, StageOutput
+from pipeline.run.identity import RunIdentity, cache_key, cache_payload
+from pipeline.run.measure import PeakRSS
+from pipeline.run.registry import declaration
+
+# Graph capture in torch is process-global: torch.fx.symbolic_trace patches nn.Module.__call__ for every
+# thread (a forward elsewhere then fails with "module is not installed as a submodule") and torch.export
+# keeps global mode stacks ("Trying to pop empty mode stack"). So stages that run torch work hold this
+# lock for their whole run; stages that only drive onnxruntime or write files overlap with them.
+TORCH_LOCK = threading.RLock()
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp with seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """The plain arguments of one stage execution: what a task runner ships to wherever the stage runs."""
+
+    recipe_path: str
+    overrides: tuple[str, ...]
+    recipe_digest: str
+    store_root: str
+    checkpoint_path: str
+    checkpoint_sha256: str
+    run_id: str
+    stage: str
+    inputs: dict[str, str] = field(default_factory=dict)  # upstream stage -> artifact key, in `needs` order
+    baseline_key: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (a Prefect task parameter)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "StageCall":
+        """The call ``as_dict`` described."""
+        return cls(**{**values, "overrides": tuple(values["overrides"])})
+
+
+_plans: dict[tuple[str, tuple[str, ...]], Plan] = {}
+_data: dict[str, Any] = {}
+_cache_lock = threading.Lock()
+
+
+def plan_of(call: StageCall) -> Plan:
+    """The call's plan, loaded once per process; a recipe edited while its run goes on is refused."""
+    with _cache_lock:
+        plan = _plans.get((call.recipe_path, call.overrides))
+        if plan is None or plan.digest != call.recipe_digest:
+            plan = _plans[(call.recipe_path, call.overrides)] = load_recipe(call.recipe_path, list(call.overrides))
+    if plan.digest != call.recipe_digest:
+        raise RecipeError(f"{call.recipe_path} changed while run {call.run_id} was in progress; start a new run")
+    return plan
+
+
+def data_of(plan: Plan) -> Any:
+    """The recipe's data, built once per process and recipe (stages each get their own train shuffling)."""
+    from pipeline.torchkit.data import build_data, check_input_shape
+
+    with _cache_lock:
+        bundle = _data.get(plan.digest)
+        if bundle is None:
+            bundle = build_data(plan.recipe.data, plan.recipe.model.input_shape)
+            check_input_shape(bundle, plan.recipe.model.input_shape)
+            _data[plan.digest] = bundle
+    return bundle.for_stage()
+
+
+@contextmanager
+def exclusive(needed: bool) -> Iterator[list[float]]:
+    """Hold the torch lock when ``needed``; yields a one-item list that ends up holding the seconds waited."""
+    waited = [0.0]
+    if not needed:
+        yield waited
+        return
+    started = time.perf_counter()
+    with TORCH_LOCK:
+        waited[0] = time.perf_counter() - started
+        yield waited
+
+
+def handle_of(store: ArtifactStore, artifact: Artifact) -> Any:
+    """The model handle of a stored artifact, after re-checking its file digests."""
+    from pipeline.torchkit.handles import handle_from_record
+
+    store.verify(artifact)
+    manifest = artifact.manifest
+    return handle_from_record(artifact.path, manifest["model"], manifest["kind"], manifest.get("handle", {}))
+
+
+def stored(store: ArtifactStore, key: str, role: str) -> Artifact:
+    """The published artifact ``key`` an upstream stage made, or a StoreError saying it is gone."""
+    artifact = store.read(key)
+    if artifact is None:
+        raise StageError(f"the {role} artifact {key[:12]} is no longer in store {store.root} (removed by gc?); re-run")
+    return artifact
+
+
+def log_internal_error(store: ArtifactStore, call: StageCall, error: BaseException) -> Path:
+    """Write the traceback of an unexpected exception to ``<store>/runs/<run_id>/<stage>.log``."""
+    log_path = store.runs_dir / call.run_id / f"{call.stage}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("".join(traceback.format_exception(error)), encoding="utf-8")
+    return log_path
+
+
+def failure_result(store: ArtifactStore, call: StageCall, uses: str, key: str | None, seconds: float, error: Exception) -> StageResult:
+    """The failed StageResult for ``error``: one line for a deliberate error, a logged traceback for a bug."""
+    failed = {"name": call.stage, "uses": uses, "state": "failed", "seconds": round(seconds, 4), "key": key}
+    if isinstance(error, OptipipeError):
+        return StageResult(**failed, reason=str(error), error="input")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return StageResult(**failed, error="input", reason=(
+            f"stage '{call.stage}' ({uses}): no space left on the device holding the store {store.root}; "
+            "free some space (optipipe gc) or pass --store on a larger disk"))
+    log_path = log_internal_error(store, call, error)
+    return StageResult(**failed, error="internal", log=str(log_path), reason=(
+        f"stage '{call.stage}' ({uses}) failed with an internal error, {one_line(error)}; traceback in {log_path}"))
+
+
+def execute(call: StageCall) -> StageResult:
+    """Run stage ``call.stage`` on its upstream artifacts, or reuse its cached artifact; never raises for a failure."""
+    store = ArtifactStore(call.store_root)
+    uses, key, started = call.stage, None, time.perf_counter()
+    try:
+        plan = plan_of(call)
+        uses = plan.recipe.stages[call.stage].uses
+        upstream = {name: stored(store, artifact_key, f"'{name}'") for name, artifact_key in call.inputs.items()}
+        baseline = stored(store, call.baseline_key, "baseline") if call.baseline_key else None
+        identity = RunIdentity.of(plan, call.checkpoint_sha256)
+        payload = cache_payload(plan, call.stage, identity, [artifact.digest for artifact in upstream.values()],
+                                baseline.digest if baseline else None)
+        key = cache_key(payload)
+        cached = store.find(key)
+        if cached is not None:
+            return StageResult(name=call.stage, uses=uses, state="cached", key=key, artifact=str(cached.path),
+                               metrics=cached.manifest["metrics"])
+        return run_and_publish(call, plan, store, upstream, baseline, payload, key)
+    except StageUnavailable as unavailable:
+        return StageResult(name=call.stage, uses=uses, state="skipped", reason=str(unavailable))
+    except Exception as error:  # every failure becomes a result; a bug keeps its traceback in a log file
+        return failure_result(store, call, uses, key, time.perf_counter() - started, error)
+
+
+def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream: dict[str, Artifact],
+                    baseline: Artifact | None, payload: dict[str, Any], key: str) -> StageResult:
+    """Run the stage in a fresh work folder and publish its product under ``key`` (the folder goes on failure)."""
+    spec = plan.recipe.stages[call.stage]
+    declared = declaration(spec.uses)
+    params = plan.params[call.stage]
+    workdir = store.new_workdir(call.stage)
+    try:
+        context = StageContext(
+            name=call.stage, workdir=workdir, recipe=plan.recipe, checkpoint_path=Path(call.checkpoint_path),
+            load_data=lambda: data_of(plan), baseline=handle_of(store, baseline) if baseline else None,
+            baseline_name=plan.baseline,
+        )
+        inputs = {name: handle_of(store, artifact) for name, artifact in upstream.items()}
+        with exclusive(declared.exclusive) as waited:
+            started = time.perf_counter()
+            with PeakRSS() as memory:
+                output: StageOutput = declared.run(context, inputs, params)
+            seconds = time.perf_counter() - started
+        if output.product.path.parent != workdir:
+            raise StageError(f"stage wrote its product outside its work folder: {output.product.path}")
+        artifact = store.publish(key, workdir, output.product.path.name, {
+            "stage": call.stage, "uses": spec.uses, "kind": output.product.kind, "handle": output.product.meta,
+            "params": params.model_dump(mode="json"), "inputs": [artifact.key for artifact in upstream.values()],
+            "metrics": output.metrics, "seconds": round(seconds, 4), "waited_seconds": round(waited[0], 4),
+            "peak_rss_bytes": memory.peak_bytes, "versions": payload["versions"], "cache_payload": payload,
+            "run_id": call.run_id, "created_at": utc_now(),
+        })
+    except BaseException:
+        store.discard(workdir)
+        raise
+    return StageResult(name=call.stage, uses=spec.uses, state="done", seconds=round(seconds, 4), key=key,
+                       artifact=str(artifact.path), metrics=output.metrics, waited_seconds=round(waited[0], 4))

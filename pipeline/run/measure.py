@@ -1,0 +1,58 @@
+"""Measurements recorded for every stage: library versions and peak resident memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+from importlib import metadata
+
+TRACKED_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript", "numpy", "scikit-learn", "optipipe")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes stage outputs (part of every cache key)."""
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a background thread; ``peak_bytes`` is the highest seen.
+
+    The figure is for the whole process: stages running concurrently in threads share it.
+    """
+
+    def __init__(self, interval_seconds: float = 0.02):
+        self.interval_seconds = interval_seconds
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+            self._stop.wait(self.interval_seconds)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak_bytes = current_rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, current_rss_bytes())

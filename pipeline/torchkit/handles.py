@@ -1,0 +1,161 @@
+"""Model handles passed between stages, and how each kind is saved and loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.fx
+from torch import nn
+
+import pipeline.torchkit.quantized_pickle  # noqa: F401  (registers the pickling of quantized convs)
+from pipeline.errors import RecipeError, StageError, one_line
+from pipeline.imports import resolve_callable
+
+TORCH_MODULE_FILE = "model.pt"
+TORCH_WEIGHTS_FILE = "weights.pt"
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A model file on disk plus what is needed to load it. ``kind`` is the value stages declare in takes/makes."""
+
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[str] = "model"
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk of the model file and any side files it names in ``meta['side_files']``."""
+        extra = sum((self.path.parent / name).stat().st_size for name in self.meta.get("side_files", []))
+        return self.path.stat().st_size + extra
+
+
+@dataclass(frozen=True)
+class TorchModel(ModelHandle):
+    """A PyTorch module: a pickled ``nn.Module`` (``model.pt``) or a weights-only state_dict plus its factory."""
+
+    kind: ClassVar[str] = "torch"
+
+    def load(self) -> torch.nn.Module:
+        """Rebuild the module in eval mode on CPU.
+
+        Whole-module pickles are only ever files the artifact store wrote and digest-checked;
+        user checkpoints never take this path (see stages/load_checkpoint.py).
+        """
+        if self.meta.get("format") == "state_dict":
+            factory = resolve_callable(self.meta["factory"], "model.factory")
+            module = factory(**self.meta.get("kwargs", {}))
+            state_dict = torch.load(self.path, map_location="cpu", weights_only=True)
+            module.load_state_dict(state_dict)
+        else:
+            module = torch.load(self.path, map_location="cpu", weights_only=False)
+        return module.eval()
+
+
+@dataclass(frozen=True)
+class OnnxModel(ModelHandle):
+    """An ONNX model file, run with onnxruntime."""
+
+    kind: ClassVar[str] = "onnx"
+
+
+@dataclass(frozen=True)
+class EngineModel(ModelHandle):
+    """A serialized TensorRT engine; only loadable on the GPU and TensorRT version it was built with."""
+
+    kind: ClassVar[str] = "engine"
+
+
+@dataclass(frozen=True)
+class ReportFile(ModelHandle):
+    """A JSON report a checking stage (validate, benchmark) writes instead of a model."""
+
+    kind: ClassVar[str] = "report"
+
+
+HANDLE_TYPES: dict[str, type[ModelHandle]] = {cls.kind: cls for cls in (TorchModel, OnnxModel, EngineModel, ReportFile)}
+
+
+def handle_from_record(folder: Path, model_file: str, kind: str, meta: dict[str, Any]) -> ModelHandle:
+    """Recreate the handle an artifact's manifest describes."""
+    return HANDLE_TYPES[kind](path=folder / model_file, meta=meta)
+
+
+def drop_string_annotations(module: torch.nn.Module) -> None:
+    """Make a torch.fx GraphModule picklable by forgetting type annotations fx recorded as strings.
+
+    Under ``from __future__ import annotations`` a ``forward(self, x: torch.Tensor)`` annotation is the
+    string ``'torch.Tensor'``; fx (torch 2.13) keeps it as a global of the generated code, and
+    ``GraphModule.__reduce__`` then fails with "'str' object has no attribute '__name__'".
+    """
+    if not isinstance(module, torch.fx.GraphModule):
+        return
+    annotated = [node for node in module.graph.nodes if isinstance(node.type, str)]
+    for node in annotated:
+        node.type = None
+    if annotated:
+        module.recompile()
+
+
+def save_torch_module(module: torch.nn.Module, workdir: Path, **meta: Any) -> TorchModel:
+    """Pickle a whole module (architecture may have changed: fused, pruned, quantized)."""
+    drop_string_annotations(module)
+    path = workdir / TORCH_MODULE_FILE
+    torch.save(module, path)
+    return TorchModel(path=path, meta={"format": "module", **meta})
+
+
+def save_torch_weights(module: torch.nn.Module, workdir: Path, factory: str, kwargs: dict[str, Any]) -> TorchModel:
+    """Save only the weights (loadable with ``weights_only=True``); the factory rebuilds the architecture."""
+    path = workdir / TORCH_WEIGHTS_FILE
+    state_dict = {name: tensor.detach().clone().contiguous() for name, tensor in module.state_dict().items()}
+    torch.save(state_dict, path)
+    return TorchModel(path=path, meta={"format": "state_dict", "factory": factory, "kwargs": kwargs})
+
+
+def save_and_reload(module: nn.Module, workdir: Path, stage: str, what: str) -> tuple[TorchModel, nn.Module]:
+    """Pickle ``module`` whole and load it back exactly as the next stage will.
+
+    Any failure (pickling a traced, quantized or user module can trip on an unpicklable attribute)
+    becomes one StageError line: ``{stage}: the {what} model could not be saved and loaded back (...)``.
+    """
+    try:
+        product = save_torch_module(module, workdir)
+        return product, product.load()
+    except Exception as error:  # unpicklable attributes, fx annotations, quantized tensors ...
+        raise StageError(f"{stage}: the {what} model could not be saved and loaded back ({one_line(error)})") from error
+
+
+FACTORY_RAISED = "{field} {call} raised {error}"
+FACTORY_RETURNED = "{field} {call} returned a {kind}, not a torch.nn.Module"
+
+
+def build_module(
+    factory: str,
+    kwargs: dict[str, Any],
+    field: str,
+    *,
+    raised: str = FACTORY_RAISED,
+    returned: str = FACTORY_RETURNED,
+) -> nn.Module:
+    """Call the ``factory`` reference ('module:callable') with ``kwargs``; RecipeError unless it gives an nn.Module.
+
+    ``field`` names the recipe field (``model.factory``, ``distill: student.factory``) in every error.
+    ``raised`` and ``returned`` word the two factory errors; their placeholders are ``field``, ``factory``,
+    ``call`` (``factory(**kwargs)``), ``error`` (``Type: first line``), ``error_type`` and ``error_text``
+    (the whole message) for ``raised``, and ``kind`` (the returned type's name) for ``returned``.
+    """
+    build = resolve_callable(factory, field)
+    names = {"field": field, "factory": factory, "call": f"{factory}(**{kwargs})"}
+    try:
+        module = build(**kwargs)
+    except Exception as error:  # the user's factory failed: say which one and why
+        detail = {"error": one_line(error), "error_type": type(error).__name__, "error_text": str(error)}
+        raise RecipeError(raised.format(**names, **detail)) from error
+    if not isinstance(module, nn.Module):
+        raise RecipeError(returned.format(**names, kind=type(module).__name__))
+    return module
