@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.errors import OptipipeError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOW_NAME = "nightly"
 ENTRYPOINT = "flows.py:nightly"
 
