@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from pipeline import zoo  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.records.store import ArtifactStore  # noqa: E402
+from pipeline.records.variants import read_variants  # noqa: E402
 from pipeline.review.page import html_report  # noqa: E402
 from pipeline.review.tables import format_bytes  # noqa: E402
 from pipeline.run.engine import run_plan  # noqa: E402
@@ -137,19 +138,17 @@ def run_recipe(bench_model: BenchModel, workdir: Path) -> dict[str, Any]:
 
 def collect(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Per variant: latency per batch, size, top-1, agreement (baseline first)."""
-    stages = {stage["name"]: stage for stage in record["stages"]}
-    bench, check = stages["bench"]["metrics"], stages["check"]["metrics"]
     rows = []
-    for name, timing in [("load", bench["baseline"]), *bench["variants"].items()]:
-        accuracy = check["baseline"] if name == "load" else check["variants"][name]
+    for variant in read_variants(record):  # the baseline (load) first
+        timing, accuracy = variant.benchmark, variant.validation
         rows.append({
-            "variant": "FP32 eager" if name == "load" else name,
-            "runtime": timing["runtime"],
-            "p50_ms": {size: timing["batches"][size]["p50_ms"] for size in BATCHES},
-            "size_bytes": timing["size_bytes"],
-            "top1": accuracy["top1"],
-            "delta_top1": accuracy["delta_top1"],
-            "agreement": accuracy["agreement"],
+            "variant": "FP32 eager" if variant.status == "baseline" else variant.name,
+            "runtime": timing.runtime,
+            "p50_ms": {size: timing.batches[size].p50_ms for size in BATCHES},
+            "size_bytes": timing.size_bytes,
+            "top1": accuracy.top1,
+            "delta_top1": accuracy.delta_top1,
+            "agreement": accuracy.agreement,
         })
     eager, ort = rows[0], next(row for row in rows if row["variant"] == "onnx")
     for row in rows:

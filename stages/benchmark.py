@@ -27,6 +27,7 @@ from pipeline.progress import track
 from pipeline.records.reports import BatchTiming, BenchmarkEntry, BenchmarkReport
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage
 from pipeline.run.measure import PeakRSS
+from pipeline.torchkit.evaluate import rows_of
 from pipeline.torchkit.handles import ModelHandle, ReportFile
 from pipeline.torchkit.runners import Runner, runner_for
 
@@ -55,11 +56,6 @@ class Params(StageParams):
         if any(size < 1 for size in sizes):
             raise ValueError("batch sizes must be at least 1")
         return sizes
-
-
-def batch_of(eval_inputs: np.ndarray, size: int) -> np.ndarray:
-    """``size`` real eval rows (repeated when the split is smaller)."""
-    return np.ascontiguousarray(eval_inputs[np.arange(size) % len(eval_inputs)])
 
 
 def timed_calls(runner: Runner, batch: np.ndarray, calls: int, seconds: float) -> list[float]:
@@ -103,7 +99,7 @@ def time_interleaved(runners: dict[str, Runner], eval_inputs: np.ndarray, params
     seconds_per_round = params.min_seconds / params.rounds
     figures: dict[str, dict[str, BatchTiming]] = {name: {} for name in runners}
     for size in params.batch_sizes:
-        batch = batch_of(eval_inputs, size)
+        batch = np.ascontiguousarray(rows_of(eval_inputs, size))
         timings: dict[str, list[float]] = {name: [] for name in runners}
         for runner in runners.values():
             for _ in range(params.warmup):
@@ -135,7 +131,7 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     """Time the baseline and every input variant, interleaved, on the same eval rows and thread count."""
     eval_inputs = ctx.data.eval_arrays[0]
     handles = {BASELINE_KEY: ctx.baseline, **inputs}
-    largest = batch_of(eval_inputs, max(params.batch_sizes))
+    largest = np.ascontiguousarray(rows_of(eval_inputs, max(params.batch_sizes)))
     runners, peaks = {}, {}
     for name, handle in track(handles.items(), "benchmark: load"):
         runners[name], peaks[name] = load_runner(handle, largest)

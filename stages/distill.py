@@ -32,7 +32,7 @@ from pipeline.errors import StageError, one_line
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.complexity import WEIGHTED_LAYERS, count_params
 from pipeline.torchkit.evaluate import agreement, predict_all, top1
-from pipeline.torchkit.handles import ModelHandle, build_module, save_torch_module
+from pipeline.torchkit.handles import ModelHandle, TorchModel, build_module, save_like, save_torch_weights
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_classifier
 
@@ -136,6 +136,14 @@ def keep_pruned_zeros(student: nn.Module) -> list[nn.Module]:
     return masked
 
 
+def saved_student(student: nn.Module, ctx: StageContext, params: Params, upstream: ModelHandle) -> TorchModel:
+    """The trained student as weights where its architecture can be rebuilt (a factory student, or an upstream
+    model saved as weights), else as a whole module."""
+    if params.student is not None:
+        return save_torch_weights(student, ctx.workdir, params.student.factory, params.student.kwargs)
+    return save_like(student, ctx.workdir, upstream)
+
+
 def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Distil the teacher into the student on the train data, compare both on eval data, save the student."""
     if params.seed is not None:
@@ -172,7 +180,7 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         "final_loss": final_loss,
         "epochs": params.epochs,
     }
-    return StageOutput(product=save_torch_module(student, ctx.workdir), metrics=metrics)
+    return StageOutput(product=saved_student(student, ctx, params, only_input(inputs)[1]), metrics=metrics)
 
 
 STAGE = declare_stage(

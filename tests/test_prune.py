@@ -11,8 +11,12 @@ from pydantic import ValidationError
 from torch import fx, nn
 
 from pipeline.errors import StageError
+from pipeline.torchkit import channels
 from pipeline.torchkit.complexity import count_macs, count_params
 from pipeline.torchkit.data import build_data
+from pipeline.torchkit.evaluate import top1
+from pipeline.torchkit.handles import save_torch_weights
+from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_classifier
 from pipeline.zoo import digits_cnn, mlp, resnet18, resnet_small
 from stages import fuse_conv_bn, prune
@@ -195,8 +199,8 @@ def test_resnet_small_prunes_each_block_first_conv_and_skips_residual_adds(conte
 
 def test_resnet18_dependencies_make_every_basic_block_first_conv_prunable():
     model = resnet18(num_classes=10).eval()
-    traced = prune.traced_with_shapes(model, torch.randn(2, 3, 32, 32))
-    groups, skipped = prune.ChannelDependencies(traced).groups()
+    traced = channels.traced_with_shapes(model, torch.randn(2, 3, 32, 32))
+    groups, skipped = channels.ChannelDependencies(traced).groups()
     first_convs = [f"layers.{index}.conv1" for index in range(8)]
     assert [group.producer for group in groups] == first_convs
     for group, block in zip(groups, model.layers):
@@ -287,3 +291,32 @@ def test_untraceable_model_is_refused_for_channels_but_magnitude_works(context, 
 def test_model_with_nothing_prunable_is_a_clear_error(context, tmp_path, model, method, expected):
     with pytest.raises(StageError, match=expected):
         prune_model(context, tmp_path, model.eval(), method=method, amount=0.5)
+
+
+def test_pruned_weights_and_history_reload_with_weights_only(context, tmp_path, trained_cnn, data):
+    """An input saved as weights + factory gives a pruned model saved the same way: weights that torch loads with
+    weights_only=True, and the kept channel indices, replayed on a fresh digits_cnn when the model is loaded."""
+    source_folder = tmp_path / "slim"
+    source_folder.mkdir()
+    source = save_torch_weights(trained_cnn, source_folder, "pipeline.zoo:digits_cnn", {})
+    ctx = context("pruned")
+    output = prune.run(ctx, {"slim": source}, prune.Params(method="channels", amount=0.5))
+    assert output.metrics["saved_as"] == "weights and pruning history"
+    assert output.product.path.name == "weights.pt"
+    weights = torch.load(output.product.path, weights_only=True)  # no pickled module anywhere in the file
+    assert weights["features.0.0.weight"].shape[0] == 16
+    history = output.product.meta["pruning"]
+    conv = trained_cnn.features[0][0].weight
+    first = next(cut for cut in history if cut["producer"] == "features.0.0")
+    assert first["kept"] == strongest_channels(conv, 16).tolist() and first["batchnorms"] == ["features.0.1"]
+    reloaded = output.product.load()
+    batch = data.eval_arrays[0][:16]
+    expected = TorchRunner(trained_cnn).predict(batch)  # unpruned: only the shapes must agree with it
+    assert TorchRunner(reloaded).predict(batch).shape == expected.shape
+    top1_after = output.metrics["top1_after_prune"]
+    assert top1(TorchRunner(reloaded).predict(data.eval_arrays[0]), data.eval_arrays[1]) == pytest.approx(top1_after)
+
+
+def test_a_whole_module_input_stays_a_whole_module(context, tmp_path, trained_cnn):
+    output, _ = prune_model(context, tmp_path, trained_cnn, method="magnitude", amount=0.3)
+    assert output.metrics["saved_as"] == "whole module" and output.product.path.name == "model.pt"

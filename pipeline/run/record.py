@@ -15,7 +15,9 @@ from typing import Any
 
 from pipeline.recipe.plan import Plan
 from pipeline.records.models import CheckpointRef, RecipeRef, RunRecord, RunState, StageResult
+from pipeline.records.reports import ValidationReport
 from pipeline.records.store import ArtifactStore
+from pipeline.records.variants import stage_report
 from pipeline.run.executor import utc_now
 
 
@@ -51,7 +53,8 @@ class RunRecorder:
         """Record one stage's result; a validate report's rejections mark those variants ``rejected``."""
         with self._lock:
             self.results[result.name] = result
-            for variant, reason in ((result.metrics or {}).get("rejected") or {}).items():
+            report = stage_report(self.record.run_id, result)
+            for variant, reason in (report.rejected if isinstance(report, ValidationReport) else {}).items():
                 if variant in self.results:
                     self.results[variant] = self.results[variant].model_copy(update={"state": "rejected", "reason": reason})
             self._save()

@@ -47,8 +47,10 @@ class TorchModel(ModelHandle):
         user checkpoints never take this path (see stages/load_checkpoint.py).
         """
         if self.meta.get("format") == "state_dict":
+            from pipeline.torchkit.channels import replay_cuts
+
             factory = resolve_callable(self.meta["factory"], "model.factory")
-            module = factory(**self.meta.get("kwargs", {}))
+            module = replay_cuts(factory(**self.meta.get("kwargs", {})), self.meta.get("pruning", []))
             state_dict = torch.load(self.path, map_location="cpu", weights_only=True)
             module.load_state_dict(state_dict)
         else:
@@ -109,12 +111,27 @@ def save_torch_module(module: torch.nn.Module, workdir: Path, **meta: Any) -> To
     return TorchModel(path=path, meta={"format": "module", **meta})
 
 
-def save_torch_weights(module: torch.nn.Module, workdir: Path, factory: str, kwargs: dict[str, Any]) -> TorchModel:
-    """Save only the weights (loadable with ``weights_only=True``); the factory rebuilds the architecture."""
+def save_torch_weights(
+    module: torch.nn.Module, workdir: Path, factory: str, kwargs: dict[str, Any], pruning: list[dict[str, Any]] | None = None
+) -> TorchModel:
+    """Save only the weights (loadable with ``weights_only=True``); the factory, then the recorded channel
+    cuts (``pipeline.torchkit.channels``), rebuild the architecture they fit."""
     path = workdir / TORCH_WEIGHTS_FILE
     state_dict = {name: tensor.detach().clone().contiguous() for name, tensor in module.state_dict().items()}
     torch.save(state_dict, path)
-    return TorchModel(path=path, meta={"format": "state_dict", "factory": factory, "kwargs": kwargs})
+    meta = {"format": "state_dict", "factory": factory, "kwargs": kwargs}
+    if pruning:
+        meta["pruning"] = list(pruning)
+    return TorchModel(path=path, meta=meta)
+
+
+def save_like(module: torch.nn.Module, workdir: Path, source: ModelHandle, pruning: list[dict[str, Any]] | None = None) -> TorchModel:
+    """Save a model changed from ``source`` the way ``source`` was saved: as weights when ``source`` is weights
+    plus a factory (adding ``pruning``'s channel cuts to its history), else as a whole pickled module."""
+    if source.meta.get("format") == "state_dict":
+        history = [*source.meta.get("pruning", []), *(pruning or [])]
+        return save_torch_weights(module, workdir, source.meta["factory"], source.meta.get("kwargs", {}), history)
+    return save_torch_module(module, workdir)
 
 
 def save_and_reload(module: nn.Module, workdir: Path, stage: str, what: str) -> tuple[TorchModel, nn.Module]:

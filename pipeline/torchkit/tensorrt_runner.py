@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StageError
+from pipeline.torchkit.evaluate import rows_of
 from pipeline.torchkit.gpu import check_engine_compatible, cuda_status, tensorrt_status
 
 # TensorRT and torch name these tensor types alike; looked up by name since older TensorRT lacks some.
@@ -88,7 +89,7 @@ class TensorRTRunner:
 
         rows = len(chunk)
         if rows < self.min_batch:
-            chunk = chunk[np.arange(self.min_batch) % rows]
+            chunk = rows_of(chunk, self.min_batch)
         with torch.cuda.stream(self.stream):
             batch = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device, self.input_dtype)
             if not self.context.set_input_shape(self.input_name, tuple(batch.shape)):
