@@ -161,3 +161,23 @@ def test_the_read_side_imports_no_torch(tmp_path):
     completed = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.strip().splitlines()[-1] == "TORCH: []"
+
+
+def test_a_stage_call_is_plain_json_and_a_recipe_edited_mid_run_is_refused(tmp_path, demo_checkpoint):
+    from pipeline.recipe import load_recipe
+    from pipeline.records.store import sha256_file
+    from pipeline.run import executor
+    from pipeline.run.executor import StageCall, execute
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(HELPER_RECIPE)
+    call = StageCall(recipe_path=str(recipe), overrides=(), recipe_digest=load_recipe(recipe).digest, store_root=str(tmp_path / "store"),
+                     checkpoint_path=str(demo_checkpoint), checkpoint_sha256=sha256_file(demo_checkpoint), run_id="r1", stage="load")
+    shipped = StageCall.from_dict(json.loads(json.dumps(call.as_dict())))  # what a task runner sends over the wire
+    assert shipped == call
+    assert execute(shipped).state == "done"
+    recipe.write_text(HELPER_RECIPE.replace("simplify: false", "simplify: true"))
+    executor._plans.clear()  # as in a fresh worker process, which reads the recipe file anew
+    refused = execute(StageCall.from_dict({**call.as_dict(), "stage": "slim"}))
+    assert refused.state == "failed" and refused.error == "input"
+    assert refused.reason == f"{recipe} changed while run r1 was in progress; start a new run"

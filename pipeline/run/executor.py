@@ -71,6 +71,7 @@ class StageCall:
 _plans: dict[tuple[str, tuple[str, ...]], Plan] = {}
 _data: dict[str, Any] = {}
 _cache_lock = threading.Lock()
+CACHED_RUNS = 2
 
 
 def plan_of(call: StageCall) -> Plan:
@@ -84,16 +85,21 @@ def plan_of(call: StageCall) -> Plan:
     return plan
 
 
-def data_of(plan: Plan) -> Any:
-    """The recipe's data, built once per process and recipe (stages each get their own train shuffling)."""
+def data_of(plan: Plan, run_id: str) -> Any:
+    """The recipe's data, built once per run in each process (stages each get their own train shuffling).
+
+    Only the newest few runs' data stay cached, so a long-lived process (a served schedule) does not grow.
+    """
     from pipeline.torchkit.data import build_data, check_input_shape
 
     with _cache_lock:
-        bundle = _data.get(plan.digest)
+        bundle = _data.get(run_id)
         if bundle is None:
             bundle = build_data(plan.recipe.data, plan.recipe.model.input_shape)
             check_input_shape(bundle, plan.recipe.model.input_shape)
-            _data[plan.digest] = bundle
+            _data[run_id] = bundle
+            while len(_data) > CACHED_RUNS:
+                _data.pop(next(iter(_data)))
     return bundle.for_stage()
 
 
@@ -183,7 +189,7 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
     try:
         context = StageContext(
             name=call.stage, workdir=workdir, recipe=plan.recipe, checkpoint_path=Path(call.checkpoint_path),
-            load_data=lambda: data_of(plan), baseline=handle_of(store, baseline) if baseline else None,
+            load_data=lambda: data_of(plan, call.run_id), baseline=handle_of(store, baseline) if baseline else None,
             baseline_name=plan.baseline,
         )
         inputs = {name: handle_of(store, artifact) for name, artifact in upstream.items()}
