@@ -2,7 +2,10 @@
 
 Formats are told apart by content, not suffix: a state_dict (plain or in a training dict), safetensors,
 TorchScript, torch.export ``.pt2``, and a whole pickled module, which (like anything else that would run
-code from the file) is loaded only when the recipe sets ``allow_pickle``.
+code from the file: TorchScript, torch.export.load) is loaded only when the recipe sets ``allow_pickle``.
+Without it a ``.pt2`` gives only its weights, read without evaluating its graph. Declared sizes are checked
+against the bytes the file holds before torch allocates (``max_inflation``); what each format gets is
+described in ``pipeline.torchkit.checkpoint_files``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from pydantic import Field
 from pipeline.errors import CheckpointError
 from pipeline.recipe import ModelSpec
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage
+from pipeline.torchkit.checkpoint_files import (
+    TRUST_FIX,
+    check_inflation,
+    check_legacy_storages,
+    check_view_extents,
+    check_zip_storages,
+    read_pt2_weights,
+)
 from pipeline.torchkit.handles import ModelHandle, build_module, save_torch_module
 
 
@@ -32,6 +43,9 @@ class Params(StageParams):
                                "loading them runs code from the file: trusted files only")
     strict: bool = Field(default=True, description="checkpoint and model must have the same tensor names and shapes; "
                          "false loads what matches and lists the rest in the metrics")
+    max_inflation: float = Field(default=20, gt=1, description="how many times its stored bytes a zip entry, the "
+                                 "whole archive or a tensor view may expand to (entries and tensors under 1 MiB "
+                                 "exempt); larger is refused as a bomb before anything is allocated")
 
 
 WEIGHT_KEYS = ("model_state_dict", "state_dict", "model")
@@ -124,12 +138,17 @@ def pt2_pickled_entries(archive: zipfile.ZipFile) -> list[str]:
     return flagged
 
 
-def load_pt2(path: Path, allow_pickle: bool) -> StateDict:
-    """The state_dict of a ``torch.export.save`` archive, refused first if loading it would unpickle code."""
-    with zipfile.ZipFile(path) as archive:
-        pickled = pt2_pickled_entries(archive)
+def load_pt2(path: Path, archive: zipfile.ZipFile, allow_pickle: bool) -> StateDict:
+    """The state_dict of a ``torch.export.save`` archive: its weights only, unless the file is trusted.
+
+    Refused first if it holds pickled entries; ``torch.export.load`` (which evaluates the graph's shape
+    strings) runs only with ``allow_pickle``.
+    """
+    pickled = pt2_pickled_entries(archive)
     if pickled and not allow_pickle:
         raise pickle_refused(path, f"pickled entries {listed(pickled)}")
+    if not allow_pickle:
+        return read_pt2_weights(path, archive)
     try:
         with path.open("rb") as file:  # a file object: given a path, torch.export.load insists on '.pt2'
             return dict(torch.export.load(file).state_dict)
@@ -137,7 +156,36 @@ def load_pt2(path: Path, allow_pickle: bool) -> StateDict:
         raise not_a_checkpoint(path, f"torch.export.load failed: {type(error).__name__}") from None
 
 
-def read_checkpoint(path: Path, allow_pickle: bool) -> tuple[str, Any]:
+def torchscript_refused(path: Path) -> CheckpointError:
+    """The error for a TorchScript archive when allow_pickle is off."""
+    return CheckpointError(
+        f"{path} was not loaded: it is a TorchScript archive, and torch.jit.load runs the TorchScript code inside it. "
+        f"Re-save just the weights: torch.save(model.state_dict(), path); or, {TRUST_FIX}")
+
+
+def read_zip_checkpoint(path: Path, params: Params) -> tuple[str, Any] | None:
+    """Load a ``.pt2`` or TorchScript archive, after checking the zip for bombs; None for a torch.save zip."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise not_a_checkpoint(path, "a damaged zip archive: truncated or corrupted") from None
+    with archive:
+        check_inflation(path, archive, params.max_inflation)
+        records = {name.partition("/")[2] for name in archive.namelist()}  # ckpt/data.pkl -> data.pkl
+        if "archive_format" in records:
+            return "torch_export", load_pt2(path, archive, params.allow_pickle)
+        if "constants.pkl" not in records:
+            check_zip_storages(path, archive)
+            return None
+    if not params.allow_pickle:
+        raise torchscript_refused(path)
+    try:
+        return "torchscript", torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # a damaged TorchScript archive
+        raise not_a_checkpoint(path, f"torch.jit.load failed: {type(error).__name__}") from None
+
+
+def read_checkpoint(path: Path, params: Params) -> tuple[str, Any]:
     """Detect the file's format from its content and load it: ``(format, loaded object)``."""
     size = path.stat().st_size
     if size == 0:
@@ -151,18 +199,13 @@ def read_checkpoint(path: Path, allow_pickle: bool) -> tuple[str, Any]:
             return "safetensors", load_file(str(path), device="cpu")
         except Exception as error:  # SafetensorError: a broken header or truncated data
             raise not_a_checkpoint(path, f"unreadable safetensors: {str(error).splitlines()[0][:120]}") from None
-    records: set[str] = set()  # names inside a zip, less the top folder torch adds: ckpt/data.pkl -> data.pkl
     if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            records = {name.partition("/")[2] for name in archive.namelist()}
-    if "archive_format" in records:
-        return "torch_export", load_pt2(path, allow_pickle)
-    if "constants.pkl" in records:
-        try:
-            return "torchscript", torch.jit.load(str(path), map_location="cpu")
-        except Exception as error:  # a damaged TorchScript archive
-            raise not_a_checkpoint(path, f"torch.jit.load failed: {type(error).__name__}") from None
-    loaded = torch_load(path, allow_pickle)
+        read = read_zip_checkpoint(path, params)
+        if read is not None:
+            return read
+    else:
+        check_legacy_storages(path)
+    loaded = torch_load(path, params.allow_pickle)
     return ("pickled_module" if isinstance(loaded, torch.nn.Module) else "state_dict"), loaded
 
 
@@ -245,11 +288,12 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     model = build_model(ctx.recipe.model)
     model_state = model.state_dict()
     try:
-        file_format, loaded = read_checkpoint(path, params.allow_pickle)
+        file_format, loaded = read_checkpoint(path, params)
     except OSError as error:
         raise CheckpointError(f"{path} cannot be read: {error.strerror or error}") from None
     file_format, state_dict, extras = extract_weights(path, file_format, loaded)
     state_dict, prefix = strip_wrapper_prefix(state_dict, set(model_state))
+    check_view_extents(path, state_dict, params.max_inflation)
     check_finite(path, state_dict)
     differences = compare_keys(path, ctx.recipe.model, state_dict, model_state, params.strict)
     skipped = set(differences["unexpected_keys"]) | set(differences["mismatched_keys"])

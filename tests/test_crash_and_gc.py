@@ -31,7 +31,8 @@ def fake_run(store: ArtifactStore, run_id: str, keys: list[str], state: str = "s
         (folder / "manifest.json").write_text("{}")
     store.write_run({
         "run_id": run_id, "started_at": run_id, "state": state, "host": socket.gethostname(), "pid": pid or os.getpid(),
-        "recipe": {"name": "r"}, "checkpoint": {"path": "c"}, "stages": [{"name": key, "key": key} for key in keys],
+        "recipe": {"name": "r", "path": "r.yaml", "digest": "d"}, "checkpoint": {"path": "c", "sha256": "s"},
+        "stages": [{"name": key, "uses": "u", "state": "done", "key": key} for key in keys],
     })
 
 

@@ -75,8 +75,9 @@ def test_unwritable_store_names_the_fix(tmp_path):
 
 def test_runs_resolve_by_prefix_and_latest(tmp_path):
     store = ArtifactStore(tmp_path)
-    store.write_run({"run_id": "20260101-000000-aaaaaa", "started_at": "2026-01-01T00:00:00"})
-    store.write_run({"run_id": "20260102-000000-bbbbbb", "started_at": "2026-01-02T00:00:00"})
+    declared = {"recipe": {"name": "r", "path": "r.yaml", "digest": "d"}, "checkpoint": {"path": "c", "sha256": "s"}, "state": "succeeded"}
+    store.write_run({**declared, "run_id": "20260101-000000-aaaaaa", "started_at": "2026-01-01T00:00:00"})
+    store.write_run({**declared, "run_id": "20260102-000000-bbbbbb", "started_at": "2026-01-02T00:00:00"})
     assert store.resolve_run("latest")["run_id"].endswith("bbbbbb")
     assert store.resolve_run("20260101")["run_id"].endswith("aaaaaa")
     with pytest.raises(StoreError, match="matches 2 runs"):

@@ -3,7 +3,8 @@
 One module per command group (``run``, ``review``, ``nightly``, ``demo``); this one parses arguments and
 turns outcomes into exit codes: 0 success; 1 the run finished but ``validate`` rejected a variant (or
 ``diff`` found a regression); 2 bad input (recipe, checkpoint, data, store), printed as one line naming
-the file, field and fix; 3 an internal error (a bug), printed as one line naming the log file that holds
+the file, field and fix, or a path the file system refused (no permission, read-only, full, not a
+folder); 3 an internal error (a bug), printed as one line naming the log file that holds
 its traceback; 130 interrupted. ``--debug`` shows the traceback of either kind of error.
 """
 
@@ -22,7 +23,7 @@ from pipeline.cli import demo as demo_commands
 from pipeline.cli import nightly as nightly_commands
 from pipeline.cli import review as review_commands
 from pipeline.cli import run as run_commands
-from pipeline.cli.common import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, STORE_ENV
+from pipeline.cli.common import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, STORE_ENV, file_system_refusal
 from pipeline.errors import OptipipeError, one_line
 from pipeline.progress import QUIET_ENV
 
@@ -89,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--remove", metavar="NAME", help="delete the deployment nightly/NAME")
     schedule.add_argument("--json", action="store_true")
     gc = add("gc", review_commands.command_gc, "remove artifacts that neither the newest N runs nor a running run reference")
-    gc.add_argument("--keep", type=int, default=10, help="how many of the newest runs keep their artifacts (default 10)")
+    gc.add_argument("--keep", type=int, default=10, help="how many of the newest runs that produced artifacts keep them (default 10)")
+    gc.add_argument("--grace", default="1h", help="keep artifacts a run reused or made within this long (default 1h; 90s, 30m, 2d)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would be removed and remove nothing")
     demo = add("demo", demo_commands.command_demo, "train the digits baseline and run recipes/demo.yaml on it")
     demo.add_argument("--out", default="demo-out", help="folder for the demo checkpoint")
     demo.add_argument("--epochs", type=int, default=15)
@@ -112,13 +115,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as error:  # a bug, not bad input: keep the traceback where the user can find it
+    except OSError as error:
         if args.debug:
             raise
-        log_path = write_crash_log(error)
-        print(f"internal error (a bug in optipipe, not your input): {one_line(error)}; traceback in {log_path}; "
-              "--debug shows it", file=sys.stderr)
-        return EXIT_INTERNAL_ERROR
+        refusal = file_system_refusal(error)
+        if refusal is None:
+            return report_internal_error(error)
+        print(f"error: {refusal}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as error:
+        if args.debug:
+            raise
+        return report_internal_error(error)
+
+
+def report_internal_error(error: Exception) -> int:
+    """A bug, not bad input: one line naming the log file that keeps its traceback; the exit code for it."""
+    log_path = write_crash_log(error)
+    print(f"internal error (a bug in optipipe, not your input): {one_line(error)}; traceback in {log_path}; "
+          "--debug shows it", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
 
 
 def write_crash_log(error: BaseException) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -16,6 +17,9 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130
 STORE_ENV = "OPTIPIPE_STORE"
+# OSErrors that are the machine refusing a path the user chose (their input), not a bug in optipipe.
+REFUSED_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                                 errno.EEXIST, errno.ENOTDIR, errno.EISDIR})
 
 # Off a terminal (pipes, CI logs) rich would squeeze tables into 80 columns; give them room instead.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -31,6 +35,15 @@ def open_store(args: argparse.Namespace):
     from pipeline.records.store import ArtifactStore
 
     return ArtifactStore(store_root(args))
+
+
+def file_system_refusal(error: OSError) -> str | None:
+    """The one-line message for an OSError where the file system refused a path (permission denied, read-only,
+    full, a file where a folder should be), or None when ``error`` is not one (a bug, then)."""
+    if error.errno not in REFUSED_PATH_ERRNOS or not error.filename:
+        return None
+    return (f"cannot use {error.filename}: {error.strerror} (check the path and its permissions, or choose "
+            "another with --store DIR or --html FILE)")
 
 
 def print_json(value: Any) -> None:

@@ -41,8 +41,9 @@ def command_nightly(args: argparse.Namespace) -> int:
 
     load_recipe(args.recipe, args.set or [])
     ArtifactStore(store_root(args)).ensure_writable()
-    from flows import nightly
+    from flows import nightly, start_temporary_server
 
+    start_temporary_server()
     state = nightly(args.recipe, args.checkpoints, store_root(args), args.set or [], return_state=True)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, OptipipeError):

@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline.cli.common import EXIT_REJECTED, console, open_store, print_json
 from pipeline.errors import OptipipeError
 
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+SECONDS_PER_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def print_damaged(damaged: list[tuple[Path, str]]) -> None:
+    """One stderr line per damaged run record: its path and what is wrong."""
+    for path, problem in damaged:
+        print(f"damaged run record {path}: {problem}", file=sys.stderr)
+
 
 def command_runs(args: argparse.Namespace) -> int:
-    """optipipe runs"""
+    """optipipe runs: the readable runs, then a line per damaged record (stderr, so --json stays parseable)."""
     from pipeline.review.tables import runs_table
 
-    records = open_store(args).list_runs()
+    store = open_store(args)
+    records = store.list_runs()
     if args.json:
         print_json([{key: value for key, value in record.items() if key != "stages"} for record in records])
     else:
         console.print(runs_table(records))
+    print_damaged(store.damaged_runs())
     return 0
 
 
@@ -89,17 +102,45 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_gc(args: argparse.Namespace) -> int:
-    """optipipe gc --keep N"""
-    from pipeline.records.gc import collect
+def grace_seconds(text: str) -> float:
+    """``--grace`` as seconds: a number with an optional unit s, m, h or d (``90s``, ``30m``, ``1h``)."""
+    match = DURATION.match(text)
+    if match is None:
+        raise OptipipeError(f"--grace {text!r}: give a duration such as 3600, 90s, 30m, 1h or 2d")
+    return float(match.group(1)) * SECONDS_PER_UNIT[match.group(2)]
+
+
+def gc_lines(report: Any, keep: int, grace: str) -> list[str]:
+    """What a collection did (or, dry, would do): each removal when dry, the summary, and what it kept and why."""
     from pipeline.review.tables import format_bytes
+
+    verb = "would remove" if report.dry_run else "removed"
+    lines = [f"{verb} artifact {key}" for key in report.removed_artifacts] if report.dry_run else []
+    lines += [f"{verb} work folder {name}" for name in report.removed_work_folders] if report.dry_run else []
+    lines.append(
+        f"{verb} {len(report.removed_artifacts)} artifacts and {len(report.removed_work_folders)} unfinished work folders"
+        f"{' and the quarantine' if report.removed_quarantine else ''} ({format_bytes(report.freed_bytes)}); "
+        f"kept {report.kept_artifacts} artifacts referenced by the newest {keep} runs that produced any or a running run"
+    )
+    if report.kept_leased:
+        lines.append(f"kept {len(report.kept_leased)} artifacts a run reused or made within --grace {grace}")
+    for path, problem in report.damaged_records:
+        lines.append(f"damaged run record {path}: {problem}")
+    if report.damaged_records:
+        lines.append(f"kept {len(report.kept_for_damaged)} artifacts the damaged run records may reference; "
+                     "repair or delete those records and run gc again to collect them")
+    if report.dry_run:
+        lines.append("nothing was removed (--dry-run)")
+    return lines
+
+
+def command_gc(args: argparse.Namespace) -> int:
+    """optipipe gc --keep N [--grace DURATION] [--dry-run]"""
+    from pipeline.records.gc import collect
 
     if args.keep < 0:
         raise OptipipeError(f"--keep {args.keep}: give how many of the newest runs to keep (0 or more)")
-    report = collect(open_store(args), args.keep)
-    console.print(
-        f"removed {len(report.removed_artifacts)} artifacts and {len(report.removed_work_folders)} unfinished work "
-        f"folders ({format_bytes(report.freed_bytes)}); kept {report.kept_artifacts} artifacts referenced by the "
-        f"newest {args.keep} runs or a running run"
-    )
+    report = collect(open_store(args), args.keep, grace_seconds(args.grace), dry_run=args.dry_run)
+    for line in gc_lines(report, args.keep, args.grace):
+        console.print(line, highlight=False)
     return 0

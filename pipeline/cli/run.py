@@ -20,8 +20,9 @@ def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides:
     load_recipe(recipe_path, overrides)
     check_checkpoint_file(Path(checkpoint_path))
     ArtifactStore(store_root).ensure_writable()
-    from flows import optimize
+    from flows import optimize, start_temporary_server
 
+    start_temporary_server()
     run_id = new_run_id()
     state = optimize(recipe_path, checkpoint_path, store_root, overrides, run_id, return_state=True)
     store = ArtifactStore(store_root)

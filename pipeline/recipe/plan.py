@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import RecipeError
-from pipeline.imports import add_search_path, resolve_callable
+from pipeline.imports import add_search_path, check_reference
 from pipeline.recipe.schema import STAGE_NAME_PATTERN, Recipe, StageSpec
-from pipeline.recipe.yaml_lines import LineMap, load_yaml_with_lines
+from pipeline.recipe.yaml_lines import LineMap, load_yaml_value, load_yaml_with_lines
 from pipeline.run.registry import declaration, stage_names
 
 
@@ -72,13 +71,15 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], path: Path) -> N
         target, sep, value_text = override.partition("=")
         stage_name, dot, param = target.partition(".")
         if not sep or not dot or not param:
-            raise RecipeError(f"--set '{override}': write it as STAGE.PARAM=VALUE, e.g. int8.calibration_batches=32")
+            raise RecipeError(f"--set {override!r}: write it as STAGE.PARAM=VALUE, e.g. int8.calibration_batches=32")
         if stage_name not in stages:
-            raise RecipeError(f"--set '{override}': {path} has no stage '{stage_name}'{_suggest(stage_name, list(stages))}")
+            raise RecipeError(f"--set {override!r}: {path} has no stage '{stage_name}'{_suggest(stage_name, list(stages))}")
         stage = stages[stage_name]
+        if not isinstance(stage, dict):
+            continue  # not a stage mapping: validating the recipe names the problem with its line
         if not isinstance(stage.get("with"), dict):
             stage["with"] = {}
-        stage["with"][param] = yaml.safe_load(value_text)
+        stage["with"][param] = load_yaml_value(value_text, f"--set {override!r}")
 
 
 def _error_message(path: Path, lines: LineMap, loc: tuple[Any, ...], message: str) -> str:
@@ -187,7 +188,8 @@ def factory_references(value: Any, loc: tuple = ()) -> list[tuple[tuple, str]]:
 
 
 def _check_factories(path: Path, lines: LineMap, recipe: Recipe, params: dict[str, BaseModel]) -> None:
-    """Import every factory now (model, data, stage params), so a missing module is a recipe error, not a mid-run failure."""
+    """Check every factory now (model, data, stage params) without running its module, so a missing module or
+    callable is a recipe error, not a mid-run failure; see ``pipeline.imports.check_reference``."""
     add_search_path(path.parent)
     add_search_path(Path.cwd())
     references = [(("model", "factory"), recipe.model.factory)]
@@ -197,7 +199,7 @@ def _check_factories(path: Path, lines: LineMap, recipe: Recipe, params: dict[st
         references += factory_references(stage_params.model_dump(mode="json", by_alias=True), ("stages", name, "with"))
     for loc, reference in references:
         try:
-            resolve_callable(reference, ".".join(loc))
+            check_reference(reference, ".".join(loc))
         except RecipeError as error:
             raise RecipeError(f"{path}:{lines.line_of(loc)}: {error}") from None
 

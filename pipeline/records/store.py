@@ -5,7 +5,10 @@ Layout under the store root::
     artifacts/<key>/manifest.json + model file(s)   one folder per stage result, never modified
     runs/<run_id>.json                              one record per run
     tmp/                                            work folders, renamed into artifacts/ when complete
+    leases/<key>                                    empty file touched whenever a run reuses or makes an artifact
 
+No write follows a symbolic link below the store root: a linked folder or file is refused with one line.
+A damaged run record (truncated, not an object, missing fields) is listed as damaged, never raised.
 Nothing here imports torch: listing and reading runs stays fast.
 """
 
@@ -17,15 +20,18 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StoreError
-from pipeline.records.models import Manifest
+from pipeline.records.models import Manifest, RunRecord
+from pipeline.records.parse import parse_record
 
 MANIFEST_FILE = "manifest.json"
 QUARANTINE_DIR = "quarantine"
+LEASES_DIR = "leases"
 
 
 def canonical_json(value: Any) -> str:
@@ -60,6 +66,24 @@ def write_json_atomic(path: Path, value: Any) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def read_text_nofollow(path: Path) -> str:
+    """A file's text, refusing (``OSError`` ELOOP) when the file itself is a symbolic link."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(descriptor, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def json_problem(text: str) -> tuple[Any, str | None]:
+    """``(value, None)`` for JSON text that holds an object, else ``(None, what is wrong)``."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"truncated or not JSON ({error})"
+    if not isinstance(value, dict):
+        return None, f"holds {type(value).__name__ if value is not None else 'null'}, not a JSON object"
+    return value, None
 
 
 def process_alive(pid: int) -> bool:
@@ -113,9 +137,28 @@ class ArtifactStore:
         self.artifacts_dir = self.root / "artifacts"
         self.runs_dir = self.root / "runs"
         self.tmp_dir = self.root / "tmp"
+        self.leases_dir = self.root / LEASES_DIR
+
+    def refuse_links(self, path: Path) -> None:
+        """Raise ``StoreError`` when ``path`` or a folder between it and the store root is a symbolic link."""
+        for part in [path, *path.parents]:
+            if part == self.root or self.root not in part.parents:
+                return
+            if part.is_symlink():
+                raise StoreError(
+                    f"{part} is a symbolic link; optipipe never writes or removes through a link in store {self.root} "
+                    "(replace it with a real folder or file)"
+                )
+
+    def write_json(self, path: Path, value: Any) -> None:
+        """``write_json_atomic`` into the store, refusing a linked folder on the way."""
+        self.refuse_links(path)
+        write_json_atomic(path, value)
 
     def ensure_writable(self) -> None:
         """Create the store folders, or explain why they cannot be."""
+        for folder in (self.artifacts_dir, self.runs_dir, self.tmp_dir):
+            self.refuse_links(folder)
         try:
             for folder in (self.artifacts_dir, self.runs_dir, self.tmp_dir):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -134,6 +177,7 @@ class ArtifactStore:
     def new_workdir(self, label: str) -> Path:
         """A fresh private folder for a stage to write into before publishing."""
         self.ensure_writable()
+        self.refuse_links(self.tmp_dir)
         # the pid in the name lets gc tell a crashed run's leftovers from work in progress
         return Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"{label}-{os.getpid()}-"))
 
@@ -142,16 +186,47 @@ class ArtifactStore:
         """Remove an unpublished work folder (a failed stage leaves nothing behind)."""
         shutil.rmtree(workdir, ignore_errors=True)
 
+    def lease(self, key: str) -> None:
+        """Mark artifact ``key`` as in use now: gc keeps an artifact leased within its grace period.
+
+        Runs lease an artifact before they look it up, so gc either sees the lease or the run finds nothing.
+        """
+        self.refuse_links(self.leases_dir / key)
+        self.leases_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.leases_dir / key, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            os.utime(descriptor)
+        finally:
+            os.close(descriptor)
+
+    def leased_within(self, key: str, seconds: float) -> bool:
+        """Whether artifact ``key`` was leased less than ``seconds`` ago."""
+        try:
+            leased_at = os.lstat(self.leases_dir / key).st_mtime
+        except FileNotFoundError:
+            return False
+        return time.time() - leased_at < seconds
+
     def read(self, key: str) -> Artifact | None:
-        """The published artifact for ``key`` without checking file digests, or None."""
+        """The published artifact for ``key`` without checking file digests, or None.
+
+        A manifest that is unreadable, truncated, not an object or missing a declared field raises ``StoreError``.
+        """
         folder = self.artifact_path(key)
         manifest_path = folder / MANIFEST_FILE
         if not manifest_path.is_file():
             return None
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise StoreError(f"artifact {key[:12]}: manifest unreadable ({error}); run 'optipipe gc' or delete {folder}") from None
+            manifest, problem = json_problem(read_text_nofollow(manifest_path))
+        except OSError as error:
+            manifest, problem = None, f"unreadable ({error.strerror})"
+        if problem is None:
+            try:
+                parse_record(Manifest, manifest, "does not match the declared fields")
+            except StoreError as error:
+                problem = str(error)
+        if problem is not None:
+            raise StoreError(f"artifact {key[:12]}: manifest {problem}; run 'optipipe gc' or delete {folder}")
         return Artifact(key=key, path=folder, manifest=manifest)
 
     def verify(self, artifact: Artifact) -> None:
@@ -167,23 +242,28 @@ class ArtifactStore:
                 )
 
     def find(self, key: str) -> Artifact | None:
-        """A verified cached artifact for ``key``; a corrupted one is moved to quarantine and None returned."""
-        artifact = self.read(key)
-        if artifact is None:
+        """A verified cached artifact for ``key``, leased for this run; a corrupted one (tampered files, a
+        damaged manifest) is moved to quarantine and None returned, so the stage is rebuilt."""
+        if not self.artifact_path(key).is_dir():
             return None
+        self.lease(key)
         try:
+            artifact = self.read(key)
+            if artifact is None:
+                raise StoreError(f"artifact {key[:12]}: manifest missing")
             self.verify(artifact)
         except StoreError:
-            self.quarantine(artifact)
+            self.quarantine(key)
             return None
         return artifact
 
-    def quarantine(self, artifact: Artifact) -> Path:
+    def quarantine(self, key: str) -> Path:
         """Move a corrupted artifact out of the way so it is rebuilt, keeping it for inspection."""
-        target = self.root / QUARANTINE_DIR / f"{artifact.key}-{os.getpid()}"
+        target = self.root / QUARANTINE_DIR / f"{key}-{os.getpid()}"
+        self.refuse_links(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.rename(artifact.path, target)
+            os.rename(self.artifact_path(key), target)
         except OSError:
             pass  # another process moved it first
         return target
@@ -206,6 +286,8 @@ class ArtifactStore:
         ).model_dump(mode="json")
         write_json_atomic(workdir / MANIFEST_FILE, full_manifest)
         target = self.artifact_path(key)
+        self.refuse_links(target)
+        self.lease(key)  # until the run's record names it, only the lease keeps gc away
         try:
             os.rename(workdir, target)
         except OSError:
@@ -225,38 +307,72 @@ class ArtifactStore:
         return self.runs_dir / f"{run_id}.json"
 
     def write_run(self, record: dict[str, Any]) -> None:
-        """Write (or replace) a run record atomically."""
-        write_json_atomic(self.run_path(record["run_id"]), record)
+        """Write (or replace) a run record atomically (a linked record is replaced, never written through)."""
+        self.write_json(self.run_path(record["run_id"]), record)
+
+    def load_run_file(self, path: Path) -> dict[str, Any]:
+        """A run record file parsed and checked against ``RunRecord``; ``StoreError`` saying what is wrong."""
+        try:
+            record, problem = json_problem(read_text_nofollow(path))
+        except OSError as error:
+            record, problem = None, "is a symbolic link" if path.is_symlink() else f"unreadable ({error.strerror})"
+        if problem is None:
+            try:
+                parse_record(RunRecord, record, "does not match the run record")
+            except StoreError as error:
+                problem = str(error)
+        if problem is not None:
+            raise StoreError(f"damaged run record {path}: {problem}")
+        return with_observed_state(record)
 
     def read_run(self, run_id: str) -> dict[str, Any]:
         """The run record of ``run_id`` (``crashed`` if it says running but its process is gone)."""
-        try:
-            return with_observed_state(json.loads(self.run_path(run_id).read_text()))
-        except FileNotFoundError:
-            raise StoreError(f"no run '{run_id}' in store {self.root}; 'optipipe runs' lists them") from None
+        path = self.run_path(run_id)
+        if not path.is_file() and not path.is_symlink():
+            raise StoreError(f"no run '{run_id}' in store {self.root}; 'optipipe runs' lists them")
+        return self.load_run_file(path)
+
+    def _scan_runs(self) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
+        """Every good run record (newest first) and every damaged record file with what is wrong."""
+        if not self.runs_dir.is_dir():
+            return [], []
+        records, damaged = [], []
+        for path in sorted(self.runs_dir.glob("*.json"), reverse=True):
+            try:
+                records.append(self.load_run_file(path))
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except StoreError as error:
+                damaged.append((path, str(error).removeprefix(f"damaged run record {path}: ")))
+        records.sort(key=lambda record: (record["started_at"], record["run_id"]), reverse=True)
+        return records, damaged
 
     def list_runs(self) -> list[dict[str, Any]]:
-        """Every run record, newest first."""
-        if not self.runs_dir.is_dir():
-            return []
-        records = []
-        for path in self.runs_dir.glob("*.json"):
-            try:
-                records.append(with_observed_state(json.loads(path.read_text())))
-            except (OSError, json.JSONDecodeError):
-                continue  # a record being replaced right now; the next listing shows it
-        return sorted(records, key=lambda record: (record.get("started_at", ""), record["run_id"]), reverse=True)
+        """Every readable run record, newest first; ``damaged_runs`` lists the others."""
+        return self._scan_runs()[0]
+
+    def damaged_runs(self) -> list[tuple[Path, str]]:
+        """(path, what is wrong) of every run record that is truncated, not an object or missing fields, newest first."""
+        return self._scan_runs()[1]
 
     def resolve_run(self, reference: str) -> dict[str, Any]:
-        """A run record by id, unique id prefix, or ``latest``."""
-        runs = self.list_runs()
-        if not runs:
+        """A run record by id, unique id prefix, or ``latest``; a damaged record raises ``StoreError`` saying so."""
+        runs, damaged = self._scan_runs()
+        if not runs and not damaged:
             raise StoreError(f"store {self.root} has no runs yet; start one with 'optipipe run RECIPE --checkpoint CKPT'")
         if reference == "latest":
-            return runs[0]
+            newer_damaged = [(path, problem) for path, problem in damaged if not runs or path.stem > runs[0]["run_id"]]
+            if not newer_damaged:
+                return runs[0]
+            path, problem = newer_damaged[0]
+            raise StoreError(f"the latest run {path.stem} has a damaged record {path}: {problem}; give an older run's id")
         matches = [record for record in runs if record["run_id"].startswith(reference)]
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
+        damaged_matches = [(path, problem) for path, problem in damaged if path.stem.startswith(reference)]
+        if len(matches) + len(damaged_matches) == 1:
+            if matches:
+                return matches[0]
+            path, problem = damaged_matches[0]
+            raise StoreError(f"run {path.stem} has a damaged record {path}: {problem}")
+        if not matches and not damaged_matches:
             raise StoreError(f"no run matches '{reference}' in store {self.root}; 'optipipe runs' lists them")
-        raise StoreError(f"'{reference}' matches {len(matches)} runs; give more of the id")
+        raise StoreError(f"'{reference}' matches {len(matches) + len(damaged_matches)} runs; give more of the id")

@@ -11,6 +11,7 @@ elsewhere does not skip them. Where stages run is the caller's choice: ``submit`
 from __future__ import annotations
 
 import queue
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,8 @@ from typing import Any, Protocol
 from pipeline.errors import CheckpointError, one_line
 from pipeline.recipe.plan import Plan
 from pipeline.records.models import StageResult
-from pipeline.records.store import ArtifactStore, sha256_file
+from pipeline.records.store import ArtifactStore
+from pipeline.run.checkpoint_snapshot import not_a_regular_file, snapshot_checkpoint
 from pipeline.run.executor import StageCall, execute
 from pipeline.run.record import RunRecorder, new_run_id
 from pipeline.run.registry import declaration
@@ -36,11 +38,17 @@ Submit = Callable[[StageCall], Pending]
 
 
 def check_checkpoint_file(checkpoint_path: Path) -> None:
-    """Raise ``CheckpointError`` unless ``checkpoint_path`` is an existing file."""
-    if not checkpoint_path.exists():
-        raise CheckpointError(f"checkpoint not found: {checkpoint_path}")
-    if not checkpoint_path.is_file():
+    """Raise ``CheckpointError`` unless ``checkpoint_path`` is an existing regular file (never opens it: a FIFO would block)."""
+    try:
+        mode = checkpoint_path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {checkpoint_path}") from None
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {checkpoint_path} cannot be read: {error.strerror or error}") from None
+    if stat.S_ISDIR(mode):
         raise CheckpointError(f"checkpoint {checkpoint_path} is a folder; give the checkpoint file inside it")
+    if not stat.S_ISREG(mode):
+        raise not_a_regular_file(checkpoint_path, mode)
 
 
 def in_threads(max_workers: int = 1) -> tuple[Submit, Callable[[], None]]:
@@ -98,17 +106,19 @@ def run_plan(plan: Plan, store: ArtifactStore, checkpoint_path: Path | str, *, o
              run_id: str | None = None, submit: Submit | None = None) -> dict[str, Any]:
     """Run every stage of ``plan`` on the checkpoint, by the rules above; returns the closed run record.
 
-    Ctrl-C marks the run ``cancelled`` (its finished artifacts stay; a re-run resumes from the cache) and
-    is raised again.
+    The checkpoint is read once, into the store's snapshot of it (``pipeline.run.checkpoint_snapshot``):
+    stages load the snapshot, so the weights loaded are the bytes hashed into the keys, whatever happens
+    to the user's file meanwhile; the run record names the user's path. Ctrl-C marks the run
+    ``cancelled`` (its finished artifacts stay; a re-run resumes from the cache) and is raised again.
     """
     checkpoint_path = Path(checkpoint_path)
     check_checkpoint_file(checkpoint_path)
-    checkpoint_sha256 = sha256_file(checkpoint_path)
+    snapshot_path, checkpoint_sha256 = snapshot_checkpoint(store, checkpoint_path)
     run_id = run_id or new_run_id()
     recorder = RunRecorder(plan, store, str(checkpoint_path), checkpoint_sha256, run_id)
     recorder.start()
     template = StageCall(recipe_path=str(plan.path), overrides=tuple(overrides or ()), recipe_digest=plan.digest,
-                         store_root=str(store.root), checkpoint_path=str(checkpoint_path),
+                         store_root=str(store.root), checkpoint_path=str(snapshot_path),
                          checkpoint_sha256=checkpoint_sha256, run_id=run_id, stage="")
     closer = None
     if submit is None:

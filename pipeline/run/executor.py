@@ -6,7 +6,8 @@ task, or in another process: it rebuilds the plan, the store and the data it nee
 returns a ``StageResult``: deliberate ``OptipipeError``s become one-line failures, anything else is an
 internal error whose traceback is kept in a log file beside the run record. Ctrl-C is not a failure: it
 propagates. Stages that declare ``exclusive`` run holding the process's torch lock, taken here and
-nowhere else; the time spent waiting for it is recorded apart from the stage's own seconds.
+nowhere else; the time spent waiting for it is recorded apart from the stage's own seconds. Holding it,
+a stage starts with torch's, numpy's and Python's random generators seeded from its cache key.
 """
 
 from __future__ import annotations
@@ -116,6 +117,25 @@ def exclusive(needed: bool) -> Iterator[list[float]]:
         yield waited
 
 
+def seed_random_generators(key: str) -> None:
+    """Seed torch's, numpy's and Python's global generators from a cache key, so a stage draws the same
+    numbers (a loader shuffling without its own generator, dropout, random init) in any process, after
+    any other stages: the same key makes the same bytes.
+
+    Called holding the torch lock only: the generators are process-wide, so seeding them from a stage
+    running beside a locked one would change what the locked one draws.
+    """
+    import random
+
+    import numpy
+    import torch
+
+    seed = int(key[:16], 16)
+    random.seed(seed)
+    numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def handle_of(store: ArtifactStore, artifact: Artifact) -> Any:
     """The model handle of a stored artifact, after re-checking its file digests."""
     from pipeline.torchkit.handles import handle_from_record
@@ -194,6 +214,8 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
         )
         inputs = {name: handle_of(store, artifact) for name, artifact in upstream.items()}
         with exclusive(declared.exclusive) as waited:
+            if declared.exclusive:
+                seed_random_generators(key)
             started = time.perf_counter()
             with PeakRSS() as memory:
                 output: StageOutput = declared.run(context, inputs, params)

@@ -103,9 +103,44 @@ def drop_string_annotations(module: torch.nn.Module) -> None:
         module.recompile()
 
 
+# Every hook table of an nn.Module; tables filled by one registration (a forward hook with kwargs) share its id.
+HOOK_TABLES = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks",
+    "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def renumber_hooks(module: torch.nn.Module) -> None:
+    """Key every hook of ``module`` and its submodules 0, 1, 2, ... in module order, in place.
+
+    torch keys a hook by a process-wide counter (``RemovableHandle.next_id``), and the keys are pickled
+    with the module: FX quantization leaves ``_save_packed_weight``/``_load_packed_weight`` state-dict
+    hooks on the converted model, so the same weights saved after another number of hook registrations
+    in the process (earlier stages, or none in a resumed run's fresh process) gave other bytes. The hooks
+    stay, in their order; only a ``RemovableHandle`` still held for one would no longer remove it.
+    """
+    new_ids: dict[int, int] = {}
+    for submodule in module.modules():
+        for table_name in HOOK_TABLES:
+            table = submodule.__dict__.get(table_name)
+            if not table:
+                continue
+            entries = list(table.items())
+            table.clear()
+            for old_id, hook in entries:
+                table[new_ids.setdefault(old_id, len(new_ids))] = hook
+
+
 def save_torch_module(module: torch.nn.Module, workdir: Path, **meta: Any) -> TorchModel:
-    """Pickle a whole module (architecture may have changed: fused, pruned, quantized)."""
+    """Pickle a whole module (architecture may have changed: fused, pruned, quantized), byte-reproducibly.
+
+    Nothing process-specific goes in (hook ids are renumbered), so the same module gives the same file
+    in any process; torch's own ``.data/serialization_id`` record is derived from the record names and
+    their CRC32s, so it follows the content.
+    """
     drop_string_annotations(module)
+    renumber_hooks(module)
     path = workdir / TORCH_MODULE_FILE
     torch.save(module, path)
     return TorchModel(path=path, meta={"format": "module", **meta})

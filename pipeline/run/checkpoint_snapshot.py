@@ -1,0 +1,103 @@
+"""The user's checkpoint, copied once into the store so a run loads exactly the bytes it hashed.
+
+A run keys its source stages by the checkpoint's sha256 and loads the checkpoint later, in another
+thread or process. Reading the user's path twice let a trainer that rewrites ``last.ckpt`` in place
+(Lightning does, every epoch) slip new weights under the old file's digest. So ``run_plan`` copies the
+file from one open descriptor into ``<store>/checkpoints/<sha256>/<file name>``, hashing the bytes as it
+copies them, and every stage reads that snapshot. The copy is written under ``<store>/tmp`` (named like
+a work folder, so ``optipipe gc`` clears a crashed copy) and renamed into place; a snapshot already
+there is reused once its digest verifies. The file name is kept so messages still name the user's file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from pipeline.errors import CheckpointError
+from pipeline.records.store import ArtifactStore, sha256_file
+
+SNAPSHOT_DIR = "checkpoints"
+BLOCK_BYTES = 1 << 20
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket"}
+
+
+def not_a_regular_file(checkpoint_path: Path, mode: int) -> CheckpointError:
+    """The error for a checkpoint path that names a pipe, a device or a socket instead of a file."""
+    kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
+    return CheckpointError(f"checkpoint {checkpoint_path} is not a regular file ({kind}); give the checkpoint file itself")
+
+
+def copy_and_hash(source: int, copy: BinaryIO) -> str:
+    """Copy every byte from descriptor ``source`` into ``copy`` and flush it to disk; the sha256 of what was copied."""
+    digest = hashlib.sha256()
+    while block := os.read(source, BLOCK_BYTES):
+        digest.update(block)
+        copy.write(block)
+    copy.flush()
+    os.fsync(copy.fileno())
+    return digest.hexdigest()
+
+
+def unchanged_while_read(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a file's size and modification time are the same after reading it as before."""
+    return (before.st_size, before.st_mtime_ns) == (after.st_size, after.st_mtime_ns)
+
+
+def open_checkpoint(checkpoint_path: Path) -> int:
+    """A read-only descriptor of the checkpoint, opened non-blocking so a FIFO swapped in after the checks cannot hang."""
+    try:
+        return os.open(checkpoint_path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {checkpoint_path} cannot be read: {error.strerror or error}") from None
+
+
+def copy_descriptor(source: int, folder: Path, checkpoint_path: Path) -> tuple[Path, str]:
+    """Copy the open checkpoint ``source`` into a new temporary file in ``folder``; its path and sha256.
+
+    A file rewritten in place during the copy is refused rather than snapshotted half old, half new.
+    """
+    before = os.fstat(source)
+    if not stat.S_ISREG(before.st_mode):
+        raise not_a_regular_file(checkpoint_path, before.st_mode)
+    target, temporary = tempfile.mkstemp(dir=folder, prefix=f"checkpoint-{os.getpid()}-")
+    try:
+        with open(target, "wb") as copy:
+            sha256 = copy_and_hash(source, copy)
+        if not unchanged_while_read(before, os.fstat(source)):
+            raise CheckpointError(f"checkpoint {checkpoint_path} changed while it was being read (is training still "
+                                  "writing it?); run again once the file is complete")
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return Path(temporary), sha256
+
+
+def copy_to_temporary(store: ArtifactStore, checkpoint_path: Path) -> tuple[Path, str]:
+    """Copy the checkpoint from one open descriptor into a temporary file under ``<store>/tmp``; its path and sha256."""
+    store.ensure_writable()
+    source = open_checkpoint(checkpoint_path)
+    try:
+        return copy_descriptor(source, store.tmp_dir, checkpoint_path)
+    finally:
+        os.close(source)
+
+
+def snapshot_checkpoint(store: ArtifactStore, checkpoint_path: Path) -> tuple[Path, str]:
+    """The store's read-only snapshot of ``checkpoint_path`` and the sha256 of its bytes, copying them at most once."""
+    temporary, sha256 = copy_to_temporary(store, checkpoint_path)
+    snapshot = store.root / SNAPSHOT_DIR / sha256 / checkpoint_path.name
+    try:
+        if snapshot.is_file() and sha256_file(snapshot) == sha256:
+            return snapshot, sha256
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        temporary.chmod(0o444)
+        os.replace(temporary, snapshot)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return snapshot, sha256
