@@ -302,3 +302,18 @@ def test_a_truncated_nightly_state_is_rebuilt_from_the_run_records(store, capsys
     assert [night["promoted"] for night in state["runs"]] == [True, False, True]
     assert state["latest"]["run_id"] == tonight["run_id"]
     assert path.with_name("demo.json.damaged").read_text() == '{"recipe": "demo", "runs": ['
+
+
+def test_gc_removes_checkpoint_snapshots_no_kept_run_read(store):
+    old_sha, new_sha = "a" * 64, "b" * 64
+    store.write_run(run_record("20261201-000001-old", ["k-old"], checkpoint={"path": "old.pt", "sha256": old_sha}))
+    store.write_run(run_record("20261201-000002-new", ["k-new"], checkpoint={"path": "new.pt", "sha256": new_sha}))
+    for sha256 in (old_sha, new_sha, "c" * 64):
+        (store.checkpoints_dir / sha256).mkdir(parents=True)
+        (store.checkpoints_dir / sha256 / "model.pt").write_bytes(b"weights")
+        os.utime(store.checkpoints_dir / sha256, (1, 1))  # made long before the grace period
+    fresh = store.checkpoints_dir / ("d" * 64)
+    fresh.mkdir()  # being written by a run that has not recorded it yet
+    report = collect(store, keep=1, grace_seconds=3600)
+    assert sorted(report.removed_snapshots) == [old_sha, "c" * 64]
+    assert sorted(path.name for path in store.checkpoints_dir.iterdir()) == [new_sha, "d" * 64]

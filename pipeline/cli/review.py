@@ -117,8 +117,10 @@ def gc_lines(report: Any, keep: int, grace: str) -> list[str]:
     verb = "would remove" if report.dry_run else "removed"
     lines = [f"{verb} artifact {key}" for key in report.removed_artifacts] if report.dry_run else []
     lines += [f"{verb} work folder {name}" for name in report.removed_work_folders] if report.dry_run else []
+    lines += [f"{verb} checkpoint snapshot {sha256}" for sha256 in report.removed_snapshots] if report.dry_run else []
     lines.append(
-        f"{verb} {len(report.removed_artifacts)} artifacts and {len(report.removed_work_folders)} unfinished work folders"
+        f"{verb} {len(report.removed_artifacts)} artifacts, {len(report.removed_snapshots)} checkpoint snapshots and "
+        f"{len(report.removed_work_folders)} unfinished work folders"
         f"{' and the quarantine' if report.removed_quarantine else ''} ({format_bytes(report.freed_bytes)}); "
         f"kept {report.kept_artifacts} artifacts referenced by the newest {keep} runs that produced any or a running run"
     )

@@ -3,7 +3,8 @@
 Kept: the artifacts of the newest ``keep`` runs that produced any (a run that failed before producing
 anything does not count), of every run still in progress, every artifact leased within ``grace_seconds``
 (a run is reusing it from the cache or has just made it), and for each damaged run record the keys its
-text still names plus every artifact whose manifest says that run made it. gc never walks or removes
+text still names plus every artifact whose manifest says that run made it. Checkpoint snapshots
+(``<store>/checkpoints/<sha256>``) are kept for the same runs, or when made within the grace period. gc never walks or removes
 through a symbolic link in the store, and ``dry_run`` only reports.
 
 An artifact is first renamed out of ``artifacts/`` and its lease checked again before it is deleted:
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ class GcReport:
     kept_for_damaged: list[str] = field(default_factory=list)
     damaged_records: list[tuple[Path, str]] = field(default_factory=list)
     removed_work_folders: list[str] = field(default_factory=list)
+    removed_snapshots: list[str] = field(default_factory=list)
     removed_quarantine: bool = False
     freed_bytes: int = 0
 
@@ -69,11 +72,15 @@ def _produced_something(record: dict[str, Any]) -> bool:
     return any(stage.get("key") and stage.get("state") in PRODUCED for stage in record.get("stages", []))
 
 
-def _referenced_keys(runs: list[dict[str, Any]], keep: int) -> set[str]:
-    """Artifact keys used by the newest ``keep`` runs that produced any, and by every run still in progress."""
+def _protected_runs(runs: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """The newest ``keep`` runs that produced any artifact, and every run still in progress."""
     producing = [record for record in runs if _produced_something(record)]
-    protected = producing[:keep] + [record for record in runs if record["state"] == "running"]
-    return {stage["key"] for record in protected for stage in record.get("stages", []) if stage.get("key")}
+    return producing[:keep] + [record for record in runs if record["state"] == "running"]
+
+
+def _referenced_keys(runs: list[dict[str, Any]], keep: int) -> set[str]:
+    """Artifact keys used by the protected runs."""
+    return {stage["key"] for record in _protected_runs(runs, keep) for stage in record.get("stages", []) if stage.get("key")}
 
 
 def _keys_named_in(path: Path) -> set[str]:
@@ -101,7 +108,7 @@ def _work_folder_owner(folder: Path) -> int | None:
 
 def _refuse_linked_folders(store: ArtifactStore) -> None:
     """Stop before anything is removed when a folder gc walks is a symbolic link (it may lead out of the store)."""
-    for folder in (store.artifacts_dir, store.tmp_dir, store.leases_dir, store.root / QUARANTINE_DIR):
+    for folder in (store.artifacts_dir, store.tmp_dir, store.leases_dir, store.checkpoints_dir, store.root / QUARANTINE_DIR):
         if folder.is_symlink():
             raise StoreError(f"gc removed nothing: {folder} is a symbolic link and gc never follows a link out of store {store.root}")
 
@@ -185,6 +192,22 @@ def _collect_leftovers(store: ArtifactStore, report: GcReport, grace_seconds: fl
                 lease.unlink(missing_ok=True)
 
 
+def _collect_snapshots(store: ArtifactStore, report: GcReport, keep: int, grace_seconds: float) -> None:
+    """Checkpoint snapshots no protected run read, none a damaged record names, none made within the grace period."""
+    if not store.checkpoints_dir.is_dir():
+        return
+    runs = store.list_runs()
+    needed = {record["checkpoint"]["sha256"] for record in _protected_runs(runs, keep)}
+    needed |= set().union(*(_keys_named_in(path) for path, _ in report.damaged_records))
+    for folder in sorted(store.checkpoints_dir.iterdir()):
+        if folder.name in needed or time.time() - folder.lstat().st_mtime < grace_seconds:
+            continue
+        report.freed_bytes += _tree_bytes(folder)
+        report.removed_snapshots.append(folder.name)
+        if not report.dry_run:
+            _remove(folder)
+
+
 def collect(store: ArtifactStore, keep: int, grace_seconds: float = DEFAULT_GRACE_SECONDS, dry_run: bool = False) -> GcReport:
     """Remove what no kept, running, leased or damaged run may need; with ``dry_run`` only say what that would be.
 
@@ -198,5 +221,6 @@ def collect(store: ArtifactStore, keep: int, grace_seconds: float = DEFAULT_GRAC
         if not dry_run:
             store.tmp_dir.mkdir(exist_ok=True)
         _collect_artifacts(store, report, keep, grace_seconds)
+    _collect_snapshots(store, report, keep, grace_seconds)
     _collect_leftovers(store, report, grace_seconds)
     return report

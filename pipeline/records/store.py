@@ -30,6 +30,7 @@ from pipeline.records.models import Manifest, RunRecord
 from pipeline.records.parse import parse_record
 
 MANIFEST_FILE = "manifest.json"
+CHECKPOINTS_DIR = "checkpoints"
 QUARANTINE_DIR = "quarantine"
 LEASES_DIR = "leases"
 
@@ -138,6 +139,7 @@ class ArtifactStore:
         self.runs_dir = self.root / "runs"
         self.tmp_dir = self.root / "tmp"
         self.leases_dir = self.root / LEASES_DIR
+        self.checkpoints_dir = self.root / CHECKPOINTS_DIR  # snapshots of the checkpoints runs read, by sha256
 
     def refuse_links(self, path: Path) -> None:
         """Raise ``StoreError`` when ``path`` or a folder between it and the store root is a symbolic link."""

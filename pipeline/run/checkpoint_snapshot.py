@@ -21,7 +21,6 @@ from typing import BinaryIO
 from pipeline.errors import CheckpointError
 from pipeline.records.store import ArtifactStore, sha256_file
 
-SNAPSHOT_DIR = "checkpoints"
 BLOCK_BYTES = 1 << 20
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
               stat.S_IFSOCK: "a socket"}
@@ -91,7 +90,7 @@ def copy_to_temporary(store: ArtifactStore, checkpoint_path: Path) -> tuple[Path
 def snapshot_checkpoint(store: ArtifactStore, checkpoint_path: Path) -> tuple[Path, str]:
     """The store's read-only snapshot of ``checkpoint_path`` and the sha256 of its bytes, copying them at most once."""
     temporary, sha256 = copy_to_temporary(store, checkpoint_path)
-    snapshot = store.root / SNAPSHOT_DIR / sha256 / checkpoint_path.name
+    snapshot = store.checkpoints_dir / sha256 / checkpoint_path.name
     try:
         if snapshot.is_file() and sha256_file(snapshot) == sha256:
             return snapshot, sha256

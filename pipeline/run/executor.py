@@ -147,6 +147,7 @@ def handle_of(store: ArtifactStore, artifact: Artifact) -> Any:
 
 def stored(store: ArtifactStore, key: str, role: str) -> Artifact:
     """The published artifact ``key`` an upstream stage made, or a StoreError saying it is gone."""
+    store.lease(key)  # gc keeps an input this stage is about to load
     artifact = store.read(key)
     if artifact is None:
         raise StageError(f"the {role} artifact {key[:12]} is no longer in store {store.root} (removed by gc?); re-run")

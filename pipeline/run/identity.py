@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import sysconfig
 from dataclasses import dataclass
-from importlib import util as import_util
 from pathlib import Path
 from typing import Any
 
-from pipeline.imports import split_reference
+from pipeline.imports import locate_module, split_reference
 from pipeline.recipe.plan import Plan, factory_references
 from pipeline.recipe.schema import DataSpec
 from pipeline.records.store import canonical_json, sha256_file, sha256_text
@@ -35,10 +34,10 @@ def reference_code_digest(reference: str) -> str:
     a module installed as a library is keyed by its file alone (its package version is not tracked).
     """
     module_name, _ = split_reference(reference, "reference")
-    spec = import_util.find_spec(module_name)
-    if spec is None or not spec.origin or not Path(spec.origin).is_file():
+    source = locate_module(module_name)  # found on disk: neither the module nor its parent packages run
+    if source is None or source.file is None or not source.file.is_file():
         return "unknown"
-    origin = Path(spec.origin).resolve()
+    origin = source.file.resolve()
     if any(origin.is_relative_to(folder) for folder in LIBRARY_FOLDERS):
         return sha256_file(origin)
     depth = module_name.count(".") + (1 if origin.name == "__init__.py" else 0)
