@@ -32,6 +32,7 @@ from prefect.settings import PREFECT_API_URL, get_current_settings  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
+from pipeline.errors import OptipipeError  # noqa: E402
 from pipeline.nightly.checkpoints import newest_checkpoint  # noqa: E402
 from pipeline.nightly.promotion import judge, latest_reference, record_night  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
@@ -197,7 +198,10 @@ def nightly(recipe_path: str, checkpoints: str, store_root: str = DEFAULT_STORE,
     logger = get_run_logger()
     plan = load_recipe(recipe_path, overrides)
     store = ArtifactStore(store_root)
-    choice = newest_checkpoint(checkpoints)
+    try:
+        choice = newest_checkpoint(checkpoints)
+    except OptipipeError as error:  # no complete checkpoint: the night fails with that one line, no traceback
+        return Failed(message=str(error), data=error)
     for passed_over in choice.passed_over:
         logger.warning("checkpoints: %s", passed_over)
     logger.info("checkpoint %s: %s", choice.path, choice.reason)

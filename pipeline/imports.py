@@ -14,12 +14,23 @@ import ast
 import importlib
 import importlib.util
 import sys
+import threading
 from dataclasses import dataclass, field
 from importlib.machinery import EXTENSION_SUFFIXES, SOURCE_SUFFIXES
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import RecipeError
+
+# CPython 3.11 can fail ast.parse called from two threads at once ("AST constructor recursion depth
+# mismatch", python/cpython#106905); stages compute code digests in concurrent threads, so parse one at a time.
+_PARSE_LOCK = threading.Lock()
+
+
+def parse_python(source: str | bytes, filename: str) -> ast.Module:
+    """``ast.parse`` of a source file, safe to call from concurrent threads."""
+    with _PARSE_LOCK:
+        return ast.parse(source, filename=filename)
 
 STANDARD_LIBRARY = frozenset(sys.stdlib_module_names) | {"__main__"}
 FACTORY_RULE = "a factory must be a callable of your project, the recipe's folder or an installed package"
@@ -151,7 +162,7 @@ def _imported_module(module_name: str, is_package: bool, node: ast.ImportFrom) -
 def read_top_level_names(module_name: str, source: ModuleSource, field: str) -> TopLevelNames:
     """Parse the source file of ``module_name`` and collect the names it binds at top level."""
     try:
-        tree = ast.parse(source.file.read_bytes(), filename=str(source.file))
+        tree = parse_python(source.file.read_bytes(), str(source.file))
     except SyntaxError as error:
         raise RecipeError(f"{field}: '{module_name}' cannot be read: {source.file}:{error.lineno}: {error.msg}") from None
     except OSError as error:

@@ -153,6 +153,14 @@ def test_bad_set_values_are_one_line(value, tmp_path, capsys):
     assert line.startswith("error: --set 'load.strict=") and "not a plain YAML value" in line
 
 
+def test_nightly_on_an_empty_checkpoints_folder_is_one_line_before_prefect_starts(tmp_path, capsys):
+    (tmp_path / "ckpts").mkdir()
+    line = one_error_line(["nightly", str(REPO_ROOT / "recipes" / "nightly.yaml"), "--checkpoints", str(tmp_path / "ckpts"),
+                           "--store", str(tmp_path / "store")], capsys)
+    assert line == f"error: checkpoints: no checkpoint files in '{tmp_path / 'ckpts'}' (looked for .pt, .pth, .ckpt, .bin, " \
+                   ".safetensors, .pt2); point --checkpoints at the folder your training job writes to"
+
+
 def write_store_with_a_run(store: Path) -> None:
     """A store holding one finished run record."""
     from tests.test_records import run_record

@@ -36,10 +36,12 @@ def command_latest(args: argparse.Namespace) -> int:
 
 def command_nightly(args: argparse.Namespace) -> int:
     """optipipe nightly RECIPE --checkpoints DIR: one night by hand, as the schedule would run it."""
+    from pipeline.nightly.checkpoints import checkpoint_candidates
     from pipeline.recipe import load_recipe
     from pipeline.records.store import ArtifactStore
 
     load_recipe(args.recipe, args.set or [])
+    checkpoint_candidates(args.checkpoints)  # no Prefect start-up for an empty or missing folder
     ArtifactStore(store_root(args)).ensure_writable()
     from flows import nightly, start_temporary_server
 

@@ -63,6 +63,17 @@ def find_checkpoints(source: str) -> list[Path]:
     raise NightlyError(f"checkpoints: '{source}' is neither a folder nor a glob pattern such as 'runs/*.pt'")
 
 
+def checkpoint_candidates(source: str) -> list[Path]:
+    """The checkpoint files of ``source``; a NightlyError when there are none (checked before a night starts too)."""
+    candidates = find_checkpoints(source)
+    if not candidates:
+        raise NightlyError(
+            f"checkpoints: no checkpoint files in '{source}' (looked for {', '.join(CHECKPOINT_SUFFIXES)}); "
+            "point --checkpoints at the folder your training job writes to"
+        )
+    return candidates
+
+
 def first_byte_readable(path: Path) -> str | None:
     """None when ``path`` can be opened and read, else why not (``Permission denied``, ...)."""
     try:
@@ -111,12 +122,7 @@ def newest_checkpoint(source: str, settle_seconds: float = SETTLE_SECONDS) -> Ch
     names each with why, so an unreadable newest file does not fail the night while an older one is good. Ties (same step, or same modification time) go to the most recently modified
     file, then to the name that sorts last, and the reason says so.
     """
-    candidates = find_checkpoints(source)
-    if not candidates:
-        raise NightlyError(
-            f"checkpoints: no checkpoint files in '{source}' (looked for {', '.join(CHECKPOINT_SUFFIXES)}); "
-            "point --checkpoints at the folder your training job writes to"
-        )
+    candidates = checkpoint_candidates(source)
     looks, incomplete = complete_checkpoints(candidates, settle_seconds)
     if not looks:
         reasons = "; ".join(f"{path.name} {why}" for path, why in incomplete.items())

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.imports import parse_python
+
 DEFAULT_ROOTS: tuple[Path, ...] = (Path(__file__).resolve().parents[2],)
 """The folder holding the ``pipeline`` package (and ``stages``): where project modules live."""
 
@@ -54,7 +56,7 @@ class ParsedModule:
 
 def normalised_code(source: str, filename: str = "<source>") -> str:
     """A canonical text of the code: the AST without docstrings (module/class/function), comments gone, formatting irrelevant."""
-    return _canonical_text(ast.parse(source, filename=filename))
+    return _canonical_text(parse_python(source, filename))
 
 
 def code_closure(module_name: str, roots: Sequence[Path] | None = None) -> dict[str, str]:
@@ -126,7 +128,7 @@ def _parse_file_version(source_path: str, mtime_ns: int, size: int) -> ParsedMod
 
     A syntax error propagates as ``SyntaxError`` carrying ``source_path`` as its filename.
     """
-    tree = ast.parse(Path(source_path).read_bytes(), filename=source_path)
+    tree = parse_python(Path(source_path).read_bytes(), source_path)
     imports = _import_statements(tree)
     code_sha256 = hashlib.sha256(_canonical_text(tree).encode("utf-8")).hexdigest()
     return ParsedModule(code_sha256, imports)
