@@ -169,7 +169,10 @@ def optimize(
 ) -> Any:
     """Run a recipe on a checkpoint; the flow run ends Failed when any stage failed or a variant was rejected."""
     plan = load_recipe(recipe_path, overrides)
-    record = run_plan(plan, ArtifactStore(store_root), Path(checkpoint_path), overrides=overrides, run_id=run_id, submit=submit_task)
+    try:
+        record = run_plan(plan, ArtifactStore(store_root), Path(checkpoint_path), overrides=overrides, run_id=run_id, submit=submit_task)
+    except OptipipeError as error:  # the run could not start (the checkpoint, the store): one line, no traceback
+        return Failed(message=str(error), data=error)
     _publish_artifacts(record)
     if record["state"] != "succeeded":
         return Failed(message=record["message"] or "some stages did not finish", data=record)

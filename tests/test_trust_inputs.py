@@ -244,3 +244,20 @@ def test_a_killed_run_leaves_no_temporary_prefect_server(tmp_path):
         cli.kill()
         for pid in filter(is_alive, children):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_a_full_disk_before_the_run_record_is_one_line(tmp_path, demo_checkpoint, monkeypatch, capsys):
+    from pipeline.run import engine
+
+    def disk_full(store, checkpoint_path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(store.checkpoints_dir))
+
+    monkeypatch.setattr(engine, "snapshot_checkpoint", disk_full)
+    code = main(["run", str(REPO_ROOT / "recipes" / "demo.yaml"), "--checkpoint", str(demo_checkpoint), "--store", str(tmp_path / "store")])
+    err = optipipe_stderr(capsys.readouterr().err)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert errors == [f"error: store {tmp_path / 'store'}: the run could not start (No space left on device); "
+                      "free some space (optipipe gc) or pass --store on a writable disk"]

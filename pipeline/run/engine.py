@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.errors import CheckpointError, one_line
+from pipeline.errors import CheckpointError, StoreError, one_line
 from pipeline.recipe.plan import Plan
 from pipeline.records.models import StageResult
 from pipeline.records.store import ArtifactStore
@@ -113,10 +113,16 @@ def run_plan(plan: Plan, store: ArtifactStore, checkpoint_path: Path | str, *, o
     """
     checkpoint_path = Path(checkpoint_path)
     check_checkpoint_file(checkpoint_path)
-    snapshot_path, checkpoint_sha256 = snapshot_checkpoint(store, checkpoint_path)
     run_id = run_id or new_run_id()
-    recorder = RunRecorder(plan, store, str(checkpoint_path), checkpoint_sha256, run_id)
-    recorder.start()
+    try:
+        snapshot_path, checkpoint_sha256 = snapshot_checkpoint(store, checkpoint_path)
+        recorder = RunRecorder(plan, store, str(checkpoint_path), checkpoint_sha256, run_id)
+        recorder.start()
+    except OSError as error:  # a full disk or a store turned read-only before the run could start
+        raise StoreError(
+            f"store {store.root}: the run could not start ({error.strerror or error}); "
+            "free some space (optipipe gc) or pass --store on a writable disk"
+        ) from error
     template = StageCall(recipe_path=str(plan.path), overrides=tuple(overrides or ()), recipe_digest=plan.digest,
                          store_root=str(store.root), checkpoint_path=str(snapshot_path),
                          checkpoint_sha256=checkpoint_sha256, run_id=run_id, stage="")
