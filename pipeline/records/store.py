@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from pipeline.errors import StoreError
 from pipeline.records.models import Manifest, RunRecord
 from pipeline.records.parse import parse_record
@@ -104,6 +106,20 @@ def with_observed_state(record: dict[str, Any]) -> dict[str, Any]:
         if not process_alive(int(record["pid"])):
             return {**record, "state": "crashed", "message": record.get("message") or f"process {record['pid']} ended without finishing the run"}
     return record
+
+
+def declared_json_problem(path: Path, model: type[BaseModel], mismatch: str) -> tuple[Any, str | None]:
+    """The JSON value in ``path`` and what is wrong with it as a ``model`` (None when nothing is)."""
+    try:
+        value, problem = json_problem(read_text_nofollow(path))
+    except OSError as error:
+        value, problem = None, "is a symbolic link" if path.is_symlink() else f"unreadable ({error.strerror})"
+    if problem is None:
+        try:
+            parse_record(model, value, mismatch)
+        except StoreError as error:
+            problem = str(error)
+    return value, problem
 
 
 @dataclass(frozen=True)
@@ -218,15 +234,7 @@ class ArtifactStore:
         manifest_path = folder / MANIFEST_FILE
         if not manifest_path.is_file():
             return None
-        try:
-            manifest, problem = json_problem(read_text_nofollow(manifest_path))
-        except OSError as error:
-            manifest, problem = None, f"unreadable ({error.strerror})"
-        if problem is None:
-            try:
-                parse_record(Manifest, manifest, "does not match the declared fields")
-            except StoreError as error:
-                problem = str(error)
+        manifest, problem = declared_json_problem(manifest_path, Manifest, "does not match the declared fields")
         if problem is not None:
             raise StoreError(f"artifact {key[:12]}: manifest {problem}; run 'optipipe gc' or delete {folder}")
         return Artifact(key=key, path=folder, manifest=manifest)
@@ -314,15 +322,7 @@ class ArtifactStore:
 
     def load_run_file(self, path: Path) -> dict[str, Any]:
         """A run record file parsed and checked against ``RunRecord``; ``StoreError`` saying what is wrong."""
-        try:
-            record, problem = json_problem(read_text_nofollow(path))
-        except OSError as error:
-            record, problem = None, "is a symbolic link" if path.is_symlink() else f"unreadable ({error.strerror})"
-        if problem is None:
-            try:
-                parse_record(RunRecord, record, "does not match the run record")
-            except StoreError as error:
-                problem = str(error)
+        record, problem = declared_json_problem(path, RunRecord, "does not match the run record")
         if problem is not None:
             raise StoreError(f"damaged run record {path}: {problem}")
         return with_observed_state(record)
