@@ -213,3 +213,36 @@ def test_the_same_cache_key_gives_the_same_artifact_bytes_in_any_process(tmp_pat
         assert first[stage]["file_sha256"] == resumed[stage]["file_sha256"]
         assert first[stage]["digest"] == resumed[stage]["digest"]
         assert first[stage]["metrics"] == resumed[stage]["metrics"]
+
+
+DRAWING_FACTORY = '''
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def loaders():
+    inputs = torch.randn(64, 1, 8, 8)  # drawn from torch's global generator
+    labels = torch.randint(0, 10, (64,))
+    return DataLoader(TensorDataset(inputs, labels), batch_size=16), DataLoader(TensorDataset(inputs, labels), batch_size=16)
+'''
+
+
+def test_a_data_factory_drawing_from_the_global_generator_gets_the_same_data_whatever_ran_before(tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.recipe import load_recipe
+    from pipeline.run.executor import data_of
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "drawing_data.py").write_text(DRAWING_FACTORY)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: r\nmodel: {factory: pipeline.zoo:digits_cnn, input_shape: [1, 1, 8, 8]}\n"
+                      "data: {factory: 'drawing_data:loaders'}\nstages:\n  load: {uses: load_checkpoint}\n")
+    plan = load_recipe(recipe)
+    torch.manual_seed(1)
+    first = data_of(plan, "run-1").eval_arrays[0]
+    torch.manual_seed(2)
+    before = torch.random.get_rng_state()
+    bundle = data_of(plan, "run-2")
+    assert torch.equal(torch.random.get_rng_state(), before), "building the data must not move the caller's generator"
+    assert (first == bundle.eval_arrays[0]).all()

@@ -28,7 +28,7 @@ from pipeline.recipe.plan import Plan, load_recipe
 from pipeline.records.models import StageResult
 from pipeline.records.store import Artifact, ArtifactStore
 from pipeline.run.contract import StageContext, StageOutput
-from pipeline.run.identity import RunIdentity, cache_key, cache_payload
+from pipeline.run.identity import RunIdentity, cache_key, cache_payload, data_identity
 from pipeline.run.measure import PeakRSS
 from pipeline.run.registry import declaration
 
@@ -96,8 +96,10 @@ def data_of(plan: Plan, run_id: str) -> Any:
     with _cache_lock:
         bundle = _data.get(run_id)
         if bundle is None:
-            bundle = build_data(plan.recipe.data, plan.recipe.model.input_shape)
-            check_input_shape(bundle, plan.recipe.model.input_shape)
+            # a user factory drawing from the global generators gets the same draws whichever stage builds it
+            with own_random_generators(cache_key(data_identity(plan.recipe.data))):
+                bundle = build_data(plan.recipe.data, plan.recipe.model.input_shape)
+                check_input_shape(bundle, plan.recipe.model.input_shape)  # reads the eval split: a loader draws a seed
             _data[run_id] = bundle
             while len(_data) > CACHED_RUNS:
                 _data.pop(next(iter(_data)))
@@ -115,6 +117,24 @@ def exclusive(needed: bool) -> Iterator[list[float]]:
     with TORCH_LOCK:
         waited[0] = time.perf_counter() - started
         yield waited
+
+
+@contextmanager
+def own_random_generators(key: str) -> Iterator[None]:
+    """Seed the global generators from ``key`` for the block, then put back the states they had before."""
+    import random
+
+    import numpy
+    import torch
+
+    states = random.getstate(), numpy.random.get_state(), torch.random.get_rng_state()
+    seed_random_generators(key)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        numpy.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
 
 
 def seed_random_generators(key: str) -> None:
