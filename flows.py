@@ -29,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.server.api.server import SubprocessASGIServer  # noqa: E402
 from prefect.settings import PREFECT_API_URL, get_current_settings  # noqa: E402
+from prefect.states import Cancelled as CancelledState  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
@@ -39,8 +40,9 @@ from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.records.models import StageResult  # noqa: E402
 from pipeline.records.store import ArtifactStore  # noqa: E402
 from pipeline.review.page import markdown_summary  # noqa: E402
-from pipeline.review.tables import variant_rows  # noqa: E402
-from pipeline.run.engine import run_plan  # noqa: E402
+from pipeline.review.prefect_view import name_flow_run, nightly_run_name, optimize_run_name, tag_flow_run, variant_table  # noqa: E402
+from pipeline.run.cancel import Cancelled as RunCancelled  # noqa: E402
+from pipeline.run.engine import CANCELLED_MESSAGE, run_plan  # noqa: E402
 from pipeline.run.executor import StageCall, execute  # noqa: E402
 from pipeline.run.record import new_run_id  # noqa: E402
 
@@ -144,8 +146,10 @@ def _artifact_key(record: dict[str, Any], suffix: str) -> str:
 
 
 def _publish_artifacts(record: dict[str, Any]) -> None:
-    """Show the run in the Prefect UI: a table of variant metrics and a markdown summary with the Pareto front."""
-    rows = variant_rows(record)
+    """Show the run in the Prefect UI: the flow run named with its run id, a table of variant metrics in human
+    units and a markdown summary with the Pareto front."""
+    name_flow_run(record)
+    rows = variant_table(record)
     if rows:
         create_table_artifact(
             key=_artifact_key(record, "variants"),
@@ -159,7 +163,8 @@ def _publish_artifacts(record: dict[str, Any]) -> None:
     )
 
 
-@flow(name="optimize", task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_STAGES))
+@flow(name="optimize", flow_run_name=optimize_run_name, on_running=[tag_flow_run],
+      task_runner=ThreadPoolTaskRunner(max_workers=MAX_CONCURRENT_STAGES))
 def optimize(
     recipe_path: str,
     checkpoint_path: str,
@@ -173,6 +178,8 @@ def optimize(
         record = run_plan(plan, ArtifactStore(store_root), Path(checkpoint_path), overrides=overrides, run_id=run_id, submit=submit_task)
     except OptipipeError as error:  # the run could not start (the checkpoint, the store): one line, no traceback
         return Failed(message=str(error), data=error)
+    except RunCancelled:  # Ctrl-C: the stages stopped, the run record says cancelled; the flow ends likewise
+        return CancelledState(message=CANCELLED_MESSAGE)
     _publish_artifacts(record)
     if record["state"] != "succeeded":
         return Failed(message=record["message"] or "some stages did not finish", data=record)
@@ -191,7 +198,7 @@ def _nightly_markdown(record: dict[str, Any], choice: Any, verdict: dict[str, An
     return "\n\n".join(lines) + "\n"
 
 
-@flow(name="nightly")
+@flow(name="nightly", flow_run_name=nightly_run_name, on_running=[tag_flow_run])
 def nightly(recipe_path: str, checkpoints: str, store_root: str = DEFAULT_STORE, overrides: list[str] | None = None) -> Any:
     """Optimize the newest complete checkpoint in ``checkpoints`` (a folder or glob); compare with the last good night.
 

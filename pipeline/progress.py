@@ -1,4 +1,8 @@
-"""Progress bars for loops over data: rich bars on a terminal, silent otherwise or under ``--quiet``."""
+"""Progress bars for loops over data: rich bars on a terminal, silent otherwise or under ``--quiet``.
+
+Every step of ``track`` first checks for a cancelled run (``pipeline.run.cancel``), so Ctrl-C stops a loop
+at its next iteration.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import sys
 from typing import Iterable, Iterator, TypeVar
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.run.cancel import raise_if_cancelled
 
 Item = TypeVar("Item")
 QUIET_ENV = "OPTIPIPE_QUIET"
@@ -18,9 +24,12 @@ def progress_enabled() -> bool:
 
 
 def track(items: Iterable[Item], description: str, total: int | None = None) -> Iterator[Item]:
-    """Iterate ``items`` with a progress bar labelled ``description`` when bars are enabled."""
+    """Iterate ``items`` with a progress bar labelled ``description`` when bars are enabled; raises
+    ``Cancelled`` before the next item once the run is cancelled."""
     if not progress_enabled():
-        yield from items
+        for item in items:
+            raise_if_cancelled()
+            yield item
         return
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
@@ -28,5 +37,6 @@ def track(items: Iterable[Item], description: str, total: int | None = None) -> 
     with Progress(*columns, transient=True) as progress:
         task_id = progress.add_task(description, total=total)
         for item in items:
+            raise_if_cancelled()
             yield item
             progress.advance(task_id)

@@ -5,7 +5,8 @@ turns outcomes into exit codes: 0 success; 1 the run finished but ``validate`` r
 ``diff`` found a regression); 2 bad input (recipe, checkpoint, data, store), printed as one line naming
 the file, field and fix, or a path the file system refused (no permission, read-only, full, not a
 folder); 3 an internal error (a bug), printed as one line naming the log file that holds
-its traceback; 130 interrupted. ``--debug`` shows the traceback of either kind of error.
+its traceback; 130 interrupted. ``--debug`` shows the traceback of either kind of error. The global flags
+(``--quiet``, ``--verbose``, ``--debug``) go before or after the sub-command.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import traceback
 from datetime import datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -23,20 +25,40 @@ from pipeline.cli import demo as demo_commands
 from pipeline.cli import nightly as nightly_commands
 from pipeline.cli import review as review_commands
 from pipeline.cli import run as run_commands
-from pipeline.cli.common import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR, STORE_ENV, file_system_refusal
+from pipeline.cli.common import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    STORE_ENV,
+    file_system_refusal,
+    quiet_prefect_console,
+)
 from pipeline.errors import OptipipeError, one_line
 from pipeline.progress import QUIET_ENV
+
+GLOBAL_FLAGS = {"debug": "show tracebacks", "quiet": "no progress bars or live view",
+                "verbose": "show Prefect's own log lines (task and flow states, server start-up)"}
+
+
+def global_flags(default: object) -> argparse.ArgumentParser:
+    """A parser of the global flags: with ``default=False`` for the top level, and with ``argparse.SUPPRESS``
+    as each sub-command's parent, so a flag after the sub-command does not reset one given before it."""
+    flags = argparse.ArgumentParser(add_help=False)
+    for name, help_text in GLOBAL_FLAGS.items():
+        flags.add_argument(f"--{name}", action="store_true", default=default, help=help_text)
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    parser = argparse.ArgumentParser(prog="optipipe", description="Optimize PyTorch checkpoints with recipes of stages.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or Prefect logs")
+    parser = argparse.ArgumentParser(prog="optipipe", description="Optimize PyTorch checkpoints with recipes of stages.",
+                                     parents=[global_flags(False)])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('optipipe')}")
+    sub_flags = global_flags(argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, store: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text, parents=[sub_flags])
         sub.set_defaults(handler=handler)
         if store:
             sub.add_argument("--store", help=f"artifact store folder (default ${STORE_ENV} or ./artifacts)")
@@ -46,9 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("--checkpoint", required=True, help="the training checkpoint to optimize")
     run.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
+    run.add_argument("--json", action="store_true", help="print the run record as JSON, and nothing else on stdout")
+    plan = add("plan", run_commands.command_plan, "show a recipe's stages as a tree: which are cached, which will run; "
+               "with --checkpoint, check that it fits the model")
+    plan.add_argument("recipe")
+    plan.add_argument("--checkpoint", help="the checkpoint the run would optimize")
+    plan.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
     validate = add("validate", run_commands.command_validate, "check a recipe without running it", store=False)
     validate.add_argument("recipe")
     validate.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE")
+    validate.add_argument("--json", action="store_true", help="print the plan (stages, order, parameters) as JSON")
     schema = add("schema", run_commands.command_schema, "print the recipe JSON Schema (--records: the JSON Schemas of the files optipipe writes)", store=False)
     schema.add_argument("--records", action="store_true", help="print the JSON Schemas of manifests, run records, reports and nightly state")
     runs = add("runs", review_commands.command_runs, "list runs, newest first")
@@ -68,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diff.add_argument("--json", action="store_true")
     report = add("report", review_commands.command_report, "write a run's review page: HTML with plots, or Markdown for PR comments")
-    report.add_argument("run", help="run id, unique prefix, or 'latest'")
+    report.add_argument("run", nargs="?", help="run id, unique prefix, or 'latest'")
     report.add_argument("--html", metavar="FILE", help="write the HTML page here (default without --md: <store>/reports/RUN.html)")
     report.add_argument("--md", metavar="FILE", help="write Markdown here ('-' prints it)")
+    report.add_argument("--trend", metavar="RECIPE", help="write the recipe's nightly trend page (default: <store>/reports/RECIPE-trend.html)")
     nightly = add("nightly", nightly_commands.command_nightly, "optimize the newest checkpoint now and compare with the last good nightly run")
     nightly.add_argument("recipe")
     nightly.add_argument("--checkpoints", required=True, help="folder (or glob) the training job writes checkpoints to")
@@ -93,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--keep", type=int, default=10, help="how many of the newest runs that produced artifacts keep them (default 10)")
     gc.add_argument("--grace", default="1h", help="keep artifacts a run reused or made within this long (default 1h; 90s, 30m, 2d)")
     gc.add_argument("--dry-run", action="store_true", help="list what would be removed and remove nothing")
+    gc.add_argument("--json", action="store_true", help="print what was (or would be) removed and kept as JSON")
     demo = add("demo", demo_commands.command_demo, "train the digits baseline and run recipes/demo.yaml on it")
     demo.add_argument("--out", default="demo-out", help="folder for the demo checkpoint")
     demo.add_argument("--epochs", type=int, default=15)
@@ -104,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quiet:
         os.environ[QUIET_ENV] = "1"
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if not args.verbose:
+        quiet_prefect_console()
     try:
         return args.handler(args)
     except OptipipeError as error:

@@ -21,8 +21,26 @@ STORE_ENV = "OPTIPIPE_STORE"
 REFUSED_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
                                  errno.EEXIST, errno.ENOTDIR, errno.EISDIR})
 
-# Off a terminal (pipes, CI logs) rich would squeeze tables into 80 columns; give them room instead.
-console = Console(width=None if sys.stdout.isatty() else 200)
+PIPED_WIDTH = 200
+# Prefect's console handler prints task and flow states and server start-up; the Prefect UI keeps them all.
+PREFECT_CONSOLE_LEVEL_ENV = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"
+
+
+def console_width() -> int | None:
+    """$COLUMNS when set; else the terminal's width (None: rich measures it), or 200 off a terminal
+    (pipes, CI logs), where rich would squeeze tables into 80 columns."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    return None if sys.stdout.isatty() else PIPED_WIDTH
+
+
+def quiet_prefect_console() -> None:
+    """Keep Prefect's own log lines off the terminal (they still reach the Prefect UI); before Prefect is imported."""
+    os.environ.setdefault(PREFECT_CONSOLE_LEVEL_ENV, "CRITICAL")
+
+
+console = Console(width=console_width())
 
 
 def store_root(args: argparse.Namespace) -> str:
@@ -51,18 +69,25 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
-def finish_run(record: dict[str, Any], debug: bool = False) -> int:
-    """Print a finished run's stages and variants; the exit code its outcome deserves.
+def print_run_tables(record: dict[str, Any]) -> None:
+    """Print a run's stages table and, when it validated variants, its variants table, sized to the console."""
+    from pipeline.review.tables import stages_table, variant_rows, variants_table
+
+    console.print(stages_table(record, console.width))
+    if variant_rows(record):
+        console.print(variants_table(record, console.width))
+
+
+def finish_run(record: dict[str, Any], debug: bool = False, tables: bool = True) -> int:
+    """Print a finished run's stages and variants (unless not ``tables``: stdout holds JSON); the exit code its
+    outcome deserves, with the reason of a failure on stderr.
 
     0 succeeded; 1 a variant was rejected; 3 a stage failed with an internal error (its traceback is in the
     log file the message names, and printed with --debug); 2 any other failure (bad input).
     """
-    from pipeline.review.tables import stages_table, variant_rows, variants_table
-
-    console.print(stages_table(record))
-    if variant_rows(record):
-        console.print(variants_table(record))
-    console.print(f"run {record['run_id']}: {record['state']} in {record['seconds']:.1f}s")
+    if tables:
+        print_run_tables(record)
+        console.print(f"run {record['run_id']}: {record['state']} in {record['seconds']:.1f}s")
     if record["state"] == "succeeded":
         return 0
     print(f"error: run {record['run_id']} {record['state']}: {record['message']}", file=sys.stderr)

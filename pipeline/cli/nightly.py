@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.cli.common import EXIT_REJECTED, EXIT_USER_ERROR, console, finish_run, open_store, print_json, store_root
+from pipeline.cli.common import EXIT_INTERRUPTED, EXIT_REJECTED, EXIT_USER_ERROR, console, finish_run, open_store, print_json, store_root
 from pipeline.errors import OptipipeError
 
 
@@ -39,6 +39,7 @@ def command_nightly(args: argparse.Namespace) -> int:
     from pipeline.nightly.checkpoints import checkpoint_candidates
     from pipeline.recipe import load_recipe
     from pipeline.records.store import ArtifactStore
+    from pipeline.run.cancel import interrupt_stops_runs
 
     load_recipe(args.recipe, args.set or [])
     checkpoint_candidates(args.checkpoints)  # no Prefect start-up for an empty or missing folder
@@ -46,10 +47,14 @@ def command_nightly(args: argparse.Namespace) -> int:
     from flows import nightly, start_temporary_server
 
     start_temporary_server()
-    state = nightly(args.recipe, args.checkpoints, store_root(args), args.set or [], return_state=True)
+    with interrupt_stops_runs():
+        state = nightly(args.recipe, args.checkpoints, store_root(args), args.set or [], return_state=True)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, OptipipeError):
         raise outcome
+    if isinstance(outcome, dict) and outcome["state"] == "cancelled":
+        print(f"run {outcome['run_id']} cancelled: {outcome['message']}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if isinstance(outcome, dict):
         finish_run(outcome, args.debug)
     if state.is_completed():

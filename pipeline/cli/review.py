@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli.common import EXIT_REJECTED, console, open_store, print_json
+from pipeline.cli.common import EXIT_REJECTED, console, open_store, print_json, print_run_tables
 from pipeline.errors import OptipipeError
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -37,15 +37,11 @@ def command_runs(args: argparse.Namespace) -> int:
 
 def command_show(args: argparse.Namespace) -> int:
     """optipipe show RUN"""
-    from pipeline.review.tables import stages_table, variant_rows, variants_table
-
     record = open_store(args).resolve_run(args.run)
     if args.json:
         print_json(record)
         return 0
-    console.print(stages_table(record))
-    if variant_rows(record):
-        console.print(variants_table(record))
+    print_run_tables(record)
     return 0
 
 
@@ -91,8 +87,20 @@ def write_report(record: dict[str, Any], html_path: str | None, md_path: str | N
 
 
 def command_report(args: argparse.Namespace) -> int:
-    """optipipe report RUN [--html FILE] [--md FILE]"""
+    """optipipe report RUN [--html FILE] [--md FILE] | optipipe report --trend RECIPE [--html FILE]"""
     store = open_store(args)
+    if args.trend:
+        from pipeline.review.trend import trend_report
+
+        target = Path(args.html or store.root / "reports" / f"{args.trend}-trend.html")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_text(trend_report(store.list_runs(), args.trend), encoding="utf-8")
+        partial.replace(target)  # a reader never sees half a page
+        console.print(f"wrote {target}")
+        return 0
+    if args.run is None:
+        raise OptipipeError("report: name a run (an id, a unique prefix or 'latest'), or give --trend RECIPE")
     record = store.resolve_run(args.run)
     html_path = args.html
     if html_path is None and args.md is None:
@@ -137,12 +145,17 @@ def gc_lines(report: Any, keep: int, grace: str) -> list[str]:
 
 
 def command_gc(args: argparse.Namespace) -> int:
-    """optipipe gc --keep N [--grace DURATION] [--dry-run]"""
+    """optipipe gc --keep N [--grace DURATION] [--dry-run] [--json]"""
+    from dataclasses import asdict
+
     from pipeline.records.gc import collect
 
     if args.keep < 0:
         raise OptipipeError(f"--keep {args.keep}: give how many of the newest runs to keep (0 or more)")
     report = collect(open_store(args), args.keep, grace_seconds(args.grace), dry_run=args.dry_run)
+    if args.json:
+        print_json(asdict(report))
+        return 0
     for line in gc_lines(report, args.keep, args.grace):
         console.print(line, highlight=False)
     return 0

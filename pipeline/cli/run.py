@@ -1,31 +1,42 @@
-"""Commands that run or check recipes: run, validate, schema."""
+"""Commands that run or check recipes: run, plan, validate, schema."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli.common import console, finish_run, print_json, store_root
-from pipeline.errors import OptipipeError
+from pipeline.cli.common import EXIT_INTERRUPTED, console, finish_run, open_store, print_json, store_root
+from pipeline.cli.live import live_run_view, live_view_wanted
+from pipeline.errors import CheckpointError, OptipipeError
+
+STATE_LABELS = {True: "[cyan]cached[/]", False: "[yellow]will run[/]"}
 
 
-def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides: list[str]) -> dict[str, Any]:
-    """Check inputs fast (no Prefect start-up for a typo), run the ``optimize`` flow, return the run record."""
+def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides: list[str], live: bool = False) -> dict[str, Any]:
+    """Check inputs fast (no Prefect start-up for a typo), run the ``optimize`` flow, return the run record.
+
+    While the flow runs, Ctrl-C cancels the run (``pipeline.run.cancel``): the record comes back ``cancelled``;
+    with ``live``, a table of its stages shows on the terminal meanwhile (``pipeline.cli.live``).
+    """
     from pipeline.recipe import load_recipe
     from pipeline.records.store import ArtifactStore
+    from pipeline.run.cancel import interrupt_stops_runs
     from pipeline.run.engine import check_checkpoint_file
     from pipeline.run.record import new_run_id
 
-    load_recipe(recipe_path, overrides)
+    plan = load_recipe(recipe_path, overrides)
     check_checkpoint_file(Path(checkpoint_path))
-    ArtifactStore(store_root).ensure_writable()
+    store = ArtifactStore(store_root)
+    store.ensure_writable()
     from flows import optimize, start_temporary_server
 
     start_temporary_server()
     run_id = new_run_id()
-    state = optimize(recipe_path, checkpoint_path, store_root, overrides, run_id, return_state=True)
-    store = ArtifactStore(store_root)
+    with interrupt_stops_runs(), (live_run_view(plan, store, run_id) if live else nullcontext()):
+        state = optimize(recipe_path, checkpoint_path, store_root, overrides, run_id, return_state=True)
     if not store.run_path(run_id).is_file():  # the flow failed before the run started
         outcome = state.result(raise_on_failure=False)
         raise outcome if isinstance(outcome, BaseException) else OptipipeError(state.message or "run failed")
@@ -33,17 +44,95 @@ def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    """optipipe run RECIPE --checkpoint CKPT"""
-    record = run_flow(args.recipe, args.checkpoint, store_root(args), args.set or [])
+    """optipipe run RECIPE --checkpoint CKPT [--json]"""
+    record = run_flow(args.recipe, args.checkpoint, store_root(args), args.set or [], live=live_view_wanted(args))
+    if record["state"] == "cancelled":
+        print(f"run {record['run_id']} cancelled: {record['message']}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print_json(record)
+        return finish_run(record, args.debug, tables=False)
     return finish_run(record, args.debug)
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    """optipipe validate RECIPE"""
+    """optipipe validate RECIPE [--json]"""
     from pipeline.recipe import load_recipe
 
     plan = load_recipe(args.recipe, args.set or [])
+    if args.json:
+        print_json(plan_json(plan))
+        return 0
     console.print(f"{args.recipe}: ok — recipe '{plan.recipe.name}', {len(plan.order)} stages: {' → '.join(plan.order)}")
+    return 0
+
+
+def plan_json(plan: Any) -> dict[str, Any]:
+    """A checked recipe as JSON: its name, digest, baseline, stage order, and each stage's uses, needs and parameters."""
+    return {
+        "recipe": plan.recipe.name, "path": str(plan.path), "digest": plan.digest, "baseline": plan.baseline,
+        "order": plan.order,
+        "stages": {name: {"uses": plan.recipe.stages[name].uses, "needs": plan.needs_of(name),
+                          "params": plan.params[name].model_dump(mode="json")} for name in plan.order},
+    }
+
+
+def check_checkpoint_fits(plan: Any, checkpoint_path: Path) -> None:
+    """Load the checkpoint's weights as the plan's load stage would, into the recipe's model, saving nothing;
+    ``CheckpointError`` (or ``RecipeError`` for the factory) when they do not fit."""
+    from stages import load_checkpoint
+
+    spec = plan.recipe.model
+    loads = [name for name in plan.order if plan.recipe.stages[name].uses == "load_checkpoint"]
+    params = plan.params[loads[0]] if loads else load_checkpoint.Params()
+    model_state = load_checkpoint.build_model(spec).state_dict()
+    try:
+        file_format, loaded = load_checkpoint.read_checkpoint(checkpoint_path, params)
+    except OSError as error:
+        raise CheckpointError(f"{checkpoint_path} cannot be read: {error.strerror or error}") from None
+    _, state_dict, _ = load_checkpoint.extract_weights(checkpoint_path, file_format, loaded)
+    state_dict, _ = load_checkpoint.strip_wrapper_prefix(state_dict, set(model_state))
+    load_checkpoint.compare_keys(checkpoint_path, spec, state_dict, model_state, params.strict)
+
+
+def plan_tree(plan: Any, cached: dict[str, Any] | None) -> Any:
+    """The DAG as a rich tree: each stage under the first stage it needs, naming the others it needs, with
+    its state (cached or will run; none without a checkpoint)."""
+    from rich.tree import Tree
+
+    tree = Tree(f"[bold]{plan.recipe.name}[/] · {plan.path}")
+    branches: dict[str, Any] = {}
+    for name in plan.order:
+        needs = plan.needs_of(name)
+        also = f" · also needs {', '.join(needs[1:])}" if len(needs) > 1 else ""
+        state = "" if cached is None else f" · {STATE_LABELS[cached[name] is not None]}"
+        parent = branches[needs[0]] if needs else tree
+        branches[name] = parent.add(f"[bold]{name}[/] ({plan.recipe.stages[name].uses}){also}{state}")
+    return tree
+
+
+def command_plan(args: argparse.Namespace) -> int:
+    """optipipe plan RECIPE [--checkpoint CKPT]: the DAG, what is cached and what will run, and whether the
+    checkpoint fits the model; before any Prefect start-up."""
+    from pipeline.recipe import load_recipe
+    from pipeline.records.store import sha256_file
+    from pipeline.run.engine import check_checkpoint_file
+    from pipeline.run.executor import cached_artifacts
+
+    plan = load_recipe(args.recipe, args.set or [])
+    cached = None
+    if args.checkpoint:
+        checkpoint_path = Path(args.checkpoint)
+        check_checkpoint_file(checkpoint_path)
+        check_checkpoint_fits(plan, checkpoint_path)
+        cached = cached_artifacts(plan, open_store(args), sha256_file(checkpoint_path))
+    console.print(plan_tree(plan, cached))
+    if cached is None:
+        console.print("no --checkpoint: the cache was not checked")
+        return 0
+    reused = sum(artifact is not None for artifact in cached.values())
+    console.print(f"checkpoint {args.checkpoint} fits {plan.recipe.model.factory}; "
+                  f"{reused} of {len(cached)} stages cached, {len(cached) - reused} will run")
     return 0
 
 

@@ -8,6 +8,11 @@ Layout under the store root::
     leases/<key>                                    empty file touched whenever a run reuses or makes an artifact
 
 No write follows a symbolic link below the store root: a linked folder or file is refused with one line.
+Modes follow the process umask, so another user (a deployer, a worker, a web server) can read what the umask
+lets them: a published artifact's files are read-only (0444 & ~umask) and its folder 0755 & ~umask (the owner
+keeps write permission on the folder only so ``gc`` and quarantine can rename and remove it: renaming a
+folder and deleting its entries both need it); run records and other JSON files are 0644 & ~umask. Work
+folders stay private (0700) until they are published.
 A damaged run record (truncated, not an object, missing fields) is listed as damaged, never raised.
 Nothing here imports torch: listing and reading runs stays fast.
 """
@@ -35,6 +40,10 @@ MANIFEST_FILE = "manifest.json"
 CHECKPOINTS_DIR = "checkpoints"
 QUARANTINE_DIR = "quarantine"
 LEASES_DIR = "leases"
+LISTED_MATCHES = 10  # run ids an ambiguous prefix's error lists
+PUBLISHED_FILE_MODE = 0o444  # before the umask: nobody writes a published file
+PUBLISHED_FOLDER_MODE = 0o755  # before the umask: the owner may still rename and empty it (gc, quarantine)
+RECORD_FILE_MODE = 0o644  # before the umask: run records, nightly state, reports
 
 
 def canonical_json(value: Any) -> str:
@@ -56,13 +65,43 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where the system shows it, without changing it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere reading it means setting it: 077 keeps anything made meanwhile private
+    os.umask(mask)
+    return mask
+
+
+def umasked(mode: int) -> int:
+    """``mode`` with the bits the process umask withholds removed, as a newly created file would get."""
+    return mode & ~current_umask()
+
+
+def make_published(folder: Path) -> None:
+    """Give a work folder its published modes: folders 0755 & ~umask, files 0444 & ~umask (links left alone)."""
+    folder_mode, file_mode = umasked(PUBLISHED_FOLDER_MODE), umasked(PUBLISHED_FILE_MODE)
+    for parent, _, file_names in os.walk(folder):
+        os.chmod(parent, folder_mode)
+        for name in file_names:
+            path = os.path.join(parent, name)
+            if not os.path.islink(path):
+                os.chmod(path, file_mode)
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    """Write JSON to a temporary file beside ``path`` and rename it into place, 0644 & ~umask."""
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(descriptor, "w") as handle:
             json.dump(value, handle, indent=2, sort_keys=True, default=str)
+            os.fchmod(handle.fileno(), umasked(RECORD_FILE_MODE))  # mkstemp made it 0600
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -139,6 +178,18 @@ class Artifact:
     def model_path(self) -> Path:
         """Path of the artifact's main file."""
         return self.path / self.manifest["model"]
+
+
+def ambiguous_matches(reference: str, matches: list[dict[str, Any]], damaged_matches: list[tuple[Path, str]]) -> str:
+    """The error text for a run prefix that matches several runs: up to ``LISTED_MATCHES`` of them, newest first,
+    each with its recipe and start time (a damaged record says so instead)."""
+    described = [(record["run_id"], f"recipe {record['recipe']['name']}, started {record['started_at']}") for record in matches]
+    described += [(path.stem, "damaged record") for path, _ in damaged_matches]
+    described.sort(reverse=True)
+    listed = ", ".join(f"{run_id} ({what})" for run_id, what in described[:LISTED_MATCHES])
+    unlisted = len(described) - LISTED_MATCHES
+    more = f" and {unlisted} more" if unlisted > 0 else ""
+    return f"'{reference}' matches {len(described)} runs: {listed}{more}; give more of the id"
 
 
 def content_digest(files: dict[str, str]) -> str:
@@ -279,7 +330,7 @@ class ArtifactStore:
         return target
 
     def publish(self, key: str, workdir: Path, model_file: str, manifest: dict[str, Any]) -> Artifact:
-        """Digest the work folder's files, write its manifest and rename it into place atomically.
+        """Digest the work folder's files, write its manifest, make its files read-only and rename it into place atomically.
 
         If another process published the same key first, its artifact wins and ours is discarded:
         both are built from identical inputs.
@@ -295,6 +346,7 @@ class ArtifactStore:
             {**manifest, "key": key, "model": model_file, "files": files, "digest": content_digest(files)}
         ).model_dump(mode="json")
         write_json_atomic(workdir / MANIFEST_FILE, full_manifest)
+        make_published(workdir)  # before the rename: an artifact is never seen with its work-folder modes
         target = self.artifact_path(key)
         self.refuse_links(target)
         self.lease(key)  # until the run's record names it, only the lease keeps gc away
@@ -377,4 +429,4 @@ class ArtifactStore:
             raise StoreError(f"run {path.stem} has a damaged record {path}: {problem}")
         if not matches and not damaged_matches:
             raise StoreError(f"no run matches '{reference}' in store {self.root}; 'optipipe runs' lists them")
-        raise StoreError(f"'{reference}' matches {len(matches) + len(damaged_matches)} runs; give more of the id")
+        raise StoreError(ambiguous_matches(reference, matches, damaged_matches))

@@ -40,17 +40,31 @@ def _manifest_params(stage: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _stages_by_name(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run record's stages keyed by their recipe name."""
     return {stage["name"]: stage for stage in record.get("stages", [])}
 
 
-def _compare_stage(name: str, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
-    key_a, key_b = (a or {}).get("key"), (b or {}).get("key")
-    params_a, params_b = _manifest_params(a), _manifest_params(b)
-    changed = {
-        param: [params_a.get(param), params_b.get(param)]
-        for param in sorted(set(params_a) | set(params_b))
-        if params_a.get(param) != params_b.get(param)
+def _changed_params(params_a: dict[str, Any], params_b: dict[str, Any]) -> dict[str, list[Any]]:
+    """Params both manifests record with different values; one recorded on one side only (a default the other
+    side's stage or code version does not have, or a missing manifest) is not a change anyone made."""
+    return {
+        param: [params_a[param], params_b[param]]
+        for param in sorted(set(params_a) & set(params_b))
+        if params_a[param] != params_b[param]
     }
+
+
+def _only_in(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str | None:
+    """``"A"`` or ``"B"`` for a stage that only one of the runs has, else None."""
+    if a is None:
+        return "B"
+    return "A" if b is None else None
+
+
+def _compare_stage(name: str, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any]:
+    """One stage matched by name across the runs: its uses, states, whether the artifact is the same, changed params."""
+    key_a, key_b = (a or {}).get("key"), (b or {}).get("key")
+    only_in = _only_in(a, b)
     return {
         "name": name,
         "uses_a": (a or {}).get("uses"),
@@ -59,7 +73,8 @@ def _compare_stage(name: str, a: dict[str, Any] | None, b: dict[str, Any] | None
         "state_b": (b or {}).get("state"),
         # Keys are content-addressed: equal keys mean the same artifact.
         "same_artifact": bool(a and b and a.get("artifact") and b.get("artifact") and key_a and key_a == key_b),
-        "params_changed": changed,
+        "only_in": only_in,
+        "params_changed": {} if only_in else _changed_params(_manifest_params(a), _manifest_params(b)),
     }
 
 
@@ -121,7 +136,9 @@ def compare_runs(
 ) -> dict[str, Any]:
     """Compare run A (reference) with run B; returns a JSON-serializable dict.
 
-    Keys: ``runs`` (id and recipe name of each), ``stages`` (matched by name), ``variants`` (from
+    Keys: ``runs`` (id and recipe name of each), ``stages`` (matched by name; ``only_in`` is ``"A"`` or ``"B"``
+    for a stage one run lacks, with no params compared, and ``params_changed`` holds only params both
+    manifests record with different values), ``variants`` (from
     validate / benchmark metrics) and ``regressions`` (one line each). A variant regresses when its
     top-1 dropped by more than ``max_accuracy_drop`` (fraction), its batch-1 latency grew by more
     than ``max_latency_increase`` (fraction, on ``latency_basis``; only when both are known and the
@@ -189,6 +206,8 @@ def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
         stages.add_column(header, overflow="fold")
     for stage in comparison["stages"]:
         changed = ", ".join(f"{key}: {a!r} → {b!r}" for key, (a, b) in stage["params_changed"].items())
+        if stage["only_in"]:
+            changed = f"only in {stage['only_in']}"
         stages.add_row(
             stage["name"], _pair(stage["uses_a"], stage["uses_b"]),
             f"{stage['state_a'] or '-'} → {stage['state_b'] or '-'}",

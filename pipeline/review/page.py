@@ -13,16 +13,20 @@ from typing import Any
 
 from pipeline.records.variants import read_variants
 from pipeline.review import plots
+from pipeline.review.artifacts import accuracy_budget, artifact_links, library_versions, machine_facts, reports_dir
+from pipeline.review.stage_facts import stage_highlights
 from pipeline.review.tables import format_bytes, variant_rows
 
 PAGE_STYLE = """
-body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto; max-width: 1100px; color: #212121; }
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto; padding: 0 1.5rem; max-width: 1100px; color: #212121; }
 h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #e0e0e0; }
 .meta { color: #616161; font-size: 0.9rem; } .state { font-weight: 600; padding: 0 0.4rem; border-radius: 4px; color: white; }
 table { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0; } th, td { border: 1px solid #e0e0e0; padding: 4px 8px; }
 th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.rejected td { background: #ffebee; } tr.baseline td { background: #eceff1; } .note { color: #616161; font-style: italic; }
-svg { max-width: 100%; height: auto; }
+svg { max-width: 100%; height: auto; } code.key { font-size: 0.75rem; overflow-wrap: anywhere; color: #455a64; }
+td.links a { margin-right: 0.5rem; white-space: nowrap; } td.figures { font-size: 0.85rem; } ul.figures { margin: 0; padding-left: 1rem; }
+table.facts th { text-align: left; } .verdict-ok { color: #2e7d32; font-weight: 600; } .verdict-bad { color: #c62828; font-weight: 600; }
 """
 
 
@@ -65,16 +69,96 @@ def _stage_detail(stage: dict[str, Any]) -> str:
 
 
 def _html_table(headers: list[str], rows: list[list[str]], row_classes: list[str] | None = None, numeric_from: int = 2) -> str:
+    """A table of plain-text cells (escaped here); columns from ``numeric_from`` up to the last are right-aligned figures."""
+    cells = [[(html.escape(cell), "num" if numeric_from <= position < len(row) - 1 else "") for position, cell in enumerate(row)] for row in rows]
+    return _markup_table(headers, cells, row_classes)
+
+
+def _markup_table(headers: list[str], rows: list[list[tuple[str, str]]], row_classes: list[str] | None = None, table_class: str = "") -> str:
+    """A table of cells given as (HTML already escaped, CSS class) pairs."""
     head = "".join(f"<th>{html.escape(header)}</th>" for header in headers)
     body = []
     for index, cells in enumerate(rows):
         css = f' class="{row_classes[index]}"' if row_classes else ""
-        tds = "".join(
-            f'<td class="num">{html.escape(cell)}</td>' if position >= numeric_from and position < len(cells) - 1 else f"<td>{html.escape(cell)}</td>"
-            for position, cell in enumerate(cells)
-        )
+        tds = "".join(f'<td class="{kind}">{markup}</td>' if kind else f"<td>{markup}</td>" for markup, kind in cells)
         body.append(f"<tr{css}>{tds}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    opening = f'<table class="{table_class}">' if table_class else "<table>"
+    return f"{opening}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _artifact_cell(stage: dict[str, Any], page_dir: Any) -> str:
+    """A stage's whole artifact key and links to its folder, main file and manifest (or why it has none)."""
+    if stage.get("reason"):
+        return html.escape(stage["reason"])
+    if not stage.get("key"):
+        return ""
+    links = " ".join(f'<a href="{html.escape(href)}">{html.escape(label)}</a>' for label, href in artifact_links(stage, page_dir))
+    return f'<code class="key">{html.escape(stage["key"])}</code><br>{links}'
+
+
+def _figures_cell(stage: dict[str, Any]) -> str:
+    """The stage's highlighted figures as a short list."""
+    figures = stage_highlights(stage)
+    if not figures:
+        return ""
+    items = "".join(f"<li>{html.escape(label)}: {html.escape(value)}</li>" for label, value in figures)
+    return f"<ul class='figures'>{items}</ul>"
+
+
+def stages_table_html(record: dict[str, Any]) -> str:
+    """Each stage: implementation, state, seconds, its figures, and its artifact key with links (relative to the page)."""
+    page_dir = reports_dir(record)
+    rows = [
+        [(html.escape(stage["name"]), ""), (html.escape(stage["uses"]), ""), (html.escape(stage["state"]), ""),
+         (f"{stage['seconds']:.2f}", "num"), (_figures_cell(stage), "figures"), (_artifact_cell(stage, page_dir), "links")]
+        for stage in record["stages"]
+    ]
+    return _markup_table(["stage", "uses", "state", "seconds", "figures", "artifact key · files / reason"], rows)
+
+
+def timings_table_html(record: dict[str, Any]) -> str:
+    """Every timed model at every batch size: p50, p95, throughput, speed-up vs FP32 and peak memory."""
+    rows, classes = [], []
+    for variant in read_variants(record):
+        if variant.benchmark is None:
+            continue
+        for batch, timing in variant.benchmark.batches.items():
+            rows.append([
+                (html.escape(variant.name), ""), (html.escape(variant.benchmark.runtime), ""), (batch, "num"),
+                (f"{timing.p50_ms:.3f}", "num"), (f"{timing.p95_ms:.3f}", "num"), (f"{timing.throughput_per_s:,.0f}", "num"),
+                (f"{variant.benchmark.speedup_vs_baseline.get(batch, 0.0):.2f}×", "num"),
+                (format_bytes(variant.benchmark.peak_rss_bytes), "num"),
+            ])
+            classes.append(variant.status)
+    headers = ["variant", "runtime", "batch", "p50 ms", "p95 ms", "samples/s", "speed-up", "peak RSS"]
+    return _markup_table(headers, rows, classes, table_class="timings")
+
+
+def machine_html(record: dict[str, Any]) -> str:
+    """Where the run ran and with what: host, CPU and threads of the timings, and the libraries' versions."""
+    facts = machine_facts(record) + [(library, version) for library, version in library_versions(record).items()]
+    rows = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(value)}</td></tr>" for label, value in facts)
+    return f"<table class='facts'><tbody>{rows}</tbody></table>"
+
+
+def nightly_html(record: dict[str, Any]) -> list[str]:
+    """The night's verdict: the checkpoint chosen, the reference run, each regression and whether it was promoted."""
+    night = record.get("nightly")
+    if not night:
+        return []
+    regressions = night.get("regressions") or []
+    promoted = record["state"] == "succeeded" and not regressions
+    verdict = ("no regressions: promoted to latest" if promoted else
+               f"{len(regressions)} regression(s): not promoted" if regressions else f"run {record['state']}: not promoted")
+    reference = night.get("reference_run")
+    compared = (f"compared with the last good night, run <a href='{html.escape(reference)}.html'>{html.escape(reference)}</a>"
+                if reference else "first nightly run of this recipe: nothing to compare with")
+    parts = ["<h2>Nightly</h2>",
+             f"<p class='{'verdict-ok' if promoted else 'verdict-bad'}'>{html.escape(verdict)}</p>",
+             f"<p>checkpoint: {html.escape(str(night.get('checkpoint_choice') or '-'))}<br>{compared}</p>"]
+    if regressions:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(regression)}</li>" for regression in regressions) + "</ul>")
+    return parts
 
 
 def _header_lines(record: dict[str, Any]) -> tuple[str, str]:
@@ -87,8 +171,29 @@ def _header_lines(record: dict[str, Any]) -> tuple[str, str]:
     return title, meta
 
 
+def _variant_sections(record: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The variants table, every batch size's timings, accuracy vs latency, sizes and per-class changes."""
+    sections = [_html_table(_variant_headers(rows), [_variant_cells(row) for row in rows], [row["status"] for row in rows])]
+    batch = timed_batch(rows)
+    if not batch:
+        sections.append("<p class='note'>No benchmark stage in this run: add one to plot accuracy against latency.</p>")
+    else:
+        front = pareto_variants(rows)
+        sections += [
+            "<h2>Timings at every batch size</h2>", timings_table_html(record),
+            "<h2>Accuracy vs latency</h2>", plots.accuracy_latency_svg(rows, batch, accuracy_budget(record)),
+            f"<p>Pareto front (fastest first): <strong>{html.escape(' → '.join(front))}</strong></p>",
+        ]
+    sections += ["<h2>Size on disk</h2>", plots.size_bars_svg(rows)]
+    names, deltas = class_deltas(record)
+    if names:
+        sections += ["<h2>Per-class accuracy change vs FP32</h2>", plots.class_delta_heatmap_svg(names, deltas)]
+    return sections
+
+
 def html_report(record: dict[str, Any]) -> str:
-    """The whole review page for one run, as one HTML document with inline SVG plots."""
+    """The whole review page for one run, as one HTML document with inline SVG plots; its links to artifact
+    files are relative to ``<store>/reports/``, where ``optipipe report`` writes it."""
     rows = variant_rows(record)
     title, meta = _header_lines(record)
     state_color = plots.STATE_COLORS["done" if record["state"] == "succeeded" else "failed" if record["state"] in ("failed", "crashed") else "running"]
@@ -98,33 +203,21 @@ def html_report(record: dict[str, Any]) -> str:
     ]
     if record.get("message"):
         sections.append(f"<p><strong>Problems:</strong> {html.escape(record['message'])}</p>")
+    sections += nightly_html(record)
     stages = {stage["name"]: stage for stage in record["stages"]}
     dag = record.get("dag") or {stage["name"]: [] for stage in record["stages"]}
-    sections += ["<h2>Stages</h2>", plots.dag_svg(dag, stages)]
-    stage_rows = [[s["name"], s["uses"], s["state"], f"{s['seconds']:.2f}", _stage_detail(s)] for s in record["stages"]]
-    sections.append(_html_table(["stage", "uses", "state", "seconds", "artifact key / reason"], stage_rows, numeric_from=3))
+    sections += ["<h2>Stages</h2>", plots.dag_svg(dag, stages), stages_table_html(record)]
     sections.append("<h2>Variants against the FP32 baseline</h2>")
-    if not rows:
-        sections.append("<p class='note'>No validate stage finished in this run, so there are no variants to compare.</p>")
-        return _page(title, sections)
-    sections.append(_html_table(_variant_headers(rows), [_variant_cells(row) for row in rows], [row["status"] for row in rows]))
-    batch = timed_batch(rows)
-    if batch:
-        front = pareto_variants(rows)
-        sections += [
-            "<h2>Accuracy vs latency</h2>", plots.accuracy_latency_svg(rows, batch),
-            f"<p>Pareto front (fastest first): <strong>{html.escape(' → '.join(front))}</strong></p>",
-        ]
+    if rows:
+        sections += _variant_sections(record, rows)
     else:
-        sections.append("<p class='note'>No benchmark stage in this run: add one to plot accuracy against latency.</p>")
-    sections += ["<h2>Size on disk</h2>", plots.size_bars_svg(rows)]
-    names, deltas = class_deltas(record)
-    if names:
-        sections += ["<h2>Per-class accuracy change vs FP32</h2>", plots.class_delta_heatmap_svg(names, deltas)]
-    return _page(title, sections)
+        sections.append("<p class='note'>No validate stage finished in this run, so there are no variants to compare.</p>")
+    sections += ["<h2>Machine and versions</h2>", machine_html(record)]
+    return page_document(title, sections)
 
 
-def _page(title: str, sections: list[str]) -> str:
+def page_document(title: str, sections: list[str]) -> str:
+    """One self-contained HTML document (the page style inline, no scripts) of ``sections``."""
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join(sections)
     return (

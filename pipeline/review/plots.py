@@ -7,6 +7,7 @@ Each function takes plain rows built from a run record (``pipeline.review.page``
 from __future__ import annotations
 
 import io
+import math
 import re
 from typing import Any, Sequence
 
@@ -14,18 +15,24 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display here, and no GUI toolkit in CI
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
+
+from pipeline.review.dag import dag_figure, dag_levels  # noqa: E402,F401 (dag_levels: part of this module's interface)
+from pipeline.review.labels import place_labels  # noqa: E402
 
 STATE_COLORS = {
     "done": "#2e7d32", "cached": "#00838f", "failed": "#c62828", "rejected": "#c62828",
     "skipped": "#f9a825", "running": "#546e7a",
 }
 BASELINE_COLOR, VARIANT_COLOR, FRONT_COLOR, REJECTED_COLOR = "#37474f", "#1565c0", "#e65100", "#c62828"
+KIND_COLORS = {"torch": VARIANT_COLOR, "onnx": "#8e24aa", "engine": "#00897b"}
 
 
-def _svg(figure: Figure, element_id: str) -> str:
+def svg_element(figure: Figure, element_id: str) -> str:
     """The figure as an ``<svg>`` element (XML prologue dropped) carrying ``id=element_id``."""
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": element_id, "svg.fonttype": "none"}):
@@ -48,33 +55,94 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda index: points[index][0])
 
 
-def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int) -> str:
-    """Top-1 against median latency at ``batch`` for every timed variant, the Pareto front joined and ringed."""
+def kind_color(row: dict[str, Any]) -> str:
+    """The colour of a model in the plots: the baseline's own, else its artifact kind's."""
+    return BASELINE_COLOR if row["status"] == "baseline" else KIND_COLORS.get(row["kind"], VARIANT_COLOR)
+
+
+def latency_ticks(low: float, high: float) -> list[float]:
+    """Log-axis ticks on the 1-2-5 sequence between ``low`` and ``high``; finer steps (1..9, then halves) while that
+    gives fewer than three."""
+    for steps in ((1, 2, 5), tuple(range(1, 10)), tuple(half / 2 for half in range(2, 20))):
+        ticks = [step * 10.0 ** exponent for exponent in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1)
+                 for step in steps]
+        ticks = [float(f"{tick:.6g}") for tick in ticks if low <= tick <= high]
+        if len(ticks) >= 3:
+            return ticks
+    return ticks
+
+
+def _label_points(axes: Any, figure: Figure, names: list[str], points: list[tuple[float, float]]) -> None:
+    """Label each point with its name where no label covers another label or a marker (``pipeline.review.labels``)."""
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    to_points = 72.0 / figure.dpi
+    display = [(x * to_points, y * to_points) for x, y in axes.transData.transform(points)]
+    sizes = []
+    for name in names:
+        probe = axes.text(0, 0, name, fontsize=9)
+        extent = probe.get_window_extent(renderer)
+        sizes.append((extent.width * to_points, extent.height * to_points))
+        probe.remove()
+    for name, point, spot in zip(names, points, place_labels(display, sizes)):
+        arrow = {"arrowstyle": "-", "color": "#9e9e9e", "lw": 0.8, "shrinkA": 0, "shrinkB": 4} if spot.leader else None
+        axes.annotate(name, point, textcoords="offset points", xytext=(spot.dx, spot.dy), ha=spot.align, va="bottom",
+                      fontsize=9, arrowprops=arrow, gid=f"label-{name}")
+
+
+def _budget_line(axes: Any, baseline_top1: float, budget: float) -> float:
+    """The lowest top-1 the validate stage accepts, drawn across the plot; returns that top-1 (%)."""
+    floor = (baseline_top1 - budget) * 100
+    axes.axhline(floor, color=REJECTED_COLOR, linestyle=":", linewidth=1.5, zorder=1, gid="accuracy-budget",
+                 label=f"accuracy budget (−{budget * 100:.2g} pt vs FP32)")
+    return floor
+
+
+def _legend_handles(rows: list[dict[str, Any]]) -> list[Line2D]:
+    """One legend entry per marker colour and shape used: the baseline, each kind, rejected."""
+    handles = [Line2D([], [], marker="s", color=BASELINE_COLOR, linestyle="", label="FP32 baseline")]
+    kinds = sorted({row["kind"] for row in rows if row["status"] != "baseline"})
+    handles += [Line2D([], [], marker="o", color=KIND_COLORS.get(kind, VARIANT_COLOR), linestyle="", label=kind) for kind in kinds]
+    if any(row["status"] == "rejected" for row in rows):
+        handles.append(Line2D([], [], marker="X", color=REJECTED_COLOR, linestyle="", label="rejected"))
+    return handles
+
+
+def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int, budget: float | None = None) -> str:
+    """Top-1 against median latency at ``batch`` for every timed variant: colour by kind, the Pareto front joined
+    and ringed, and the validate stage's accuracy budget (``max_accuracy_drop``) as a dotted line when known."""
     timed = [row for row in rows if row["latency_p50_ms"] is not None]
     points = [(row["latency_p50_ms"], row["top1"] * 100) for row in timed]
     front = pareto_front(points)
-    figure = Figure(figsize=(7.5, 4.2))
+    figure = Figure(figsize=(7.5, 4.6))
     axes = figure.add_subplot()
     for index, (row, (latency, accuracy)) in enumerate(zip(timed, points)):
-        color = BASELINE_COLOR if row["status"] == "baseline" else REJECTED_COLOR if row["status"] == "rejected" else VARIANT_COLOR
-        axes.scatter([latency], [accuracy], s=60, color=color, zorder=3)
+        marker = "s" if row["status"] == "baseline" else "X" if row["status"] == "rejected" else "o"
+        axes.scatter([latency], [accuracy], s=60, marker=marker, color=REJECTED_COLOR if row["status"] == "rejected" else kind_color(row),
+                     zorder=3)
         if index in front:
             axes.scatter([latency], [accuracy], s=180, facecolors="none", edgecolors=FRONT_COLOR, linewidths=2, zorder=4)
-        axes.annotate(row["variant"], (latency, accuracy), textcoords="offset points", xytext=(7, 5), fontsize=9)
     axes.plot([points[i][0] for i in front], [points[i][1] for i in front], color=FRONT_COLOR, linestyle="--",
               linewidth=1.5, label="Pareto front", zorder=2)
-    axes.set_xscale("log")
-    axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-    axes.xaxis.set_minor_formatter(NullFormatter())
     accuracies = [accuracy for _, accuracy in points]
+    baseline = next((row for row in timed if row["status"] == "baseline"), None)
+    if budget is not None and baseline is not None:
+        accuracies.append(_budget_line(axes, baseline["top1"], budget))
     margin = max(0.5, (max(accuracies) - min(accuracies)) * 0.15)
     axes.set_ylim(min(accuracies) - margin, min(100.0 + margin / 2, max(accuracies) + margin))
+    latencies = [latency for latency, _ in points]
+    axes.set_xscale("log")
+    axes.set_xlim(min(latencies) / 1.8, max(latencies) * 1.8)  # room for the labels either side
+    axes.set_xticks(latency_ticks(*axes.get_xlim()))
+    axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel(f"median latency at batch {batch} (ms, log scale; lower is better)")
     axes.set_ylabel("top-1 (%)")
     axes.set_title("Accuracy vs latency")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="lower right", fontsize=9)
-    return _svg(figure, "plot-accuracy-latency")
+    axes.grid(True, which="major", alpha=0.3)
+    _label_points(axes, figure, [row["variant"] for row in timed], points)
+    handles = _legend_handles(timed) + axes.get_legend_handles_labels()[0]
+    axes.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(handles), 4), fontsize=9, frameon=False)
+    return svg_element(figure, "plot-accuracy-latency")
 
 
 def size_bars_svg(rows: list[dict[str, Any]]) -> str:
@@ -84,7 +152,7 @@ def size_bars_svg(rows: list[dict[str, Any]]) -> str:
     axes = figure.add_subplot()
     names = [row["variant"] for row in rows]
     sizes_kb = [row["size_bytes"] / 1000 for row in rows]
-    colors = [BASELINE_COLOR if row["status"] == "baseline" else REJECTED_COLOR if row["status"] == "rejected" else VARIANT_COLOR for row in rows]
+    colors = [REJECTED_COLOR if row["status"] == "rejected" else kind_color(row) for row in rows]
     bars = axes.barh(names, sizes_kb, color=colors)
     labels = [f"{size:,.1f} kB" + (f"  ({baseline_size / row['size_bytes']:.2f}× smaller)" if baseline_size and row["status"] != "baseline" else "")
               for size, row in zip(sizes_kb, rows)]
@@ -93,7 +161,7 @@ def size_bars_svg(rows: list[dict[str, Any]]) -> str:
     axes.set_xlabel("size on disk (kB)")
     axes.set_title("Model size")
     axes.set_xlim(0, max(sizes_kb) * 1.6)
-    return _svg(figure, "plot-sizes")
+    return svg_element(figure, "plot-sizes")
 
 
 def class_delta_heatmap_svg(variants: list[str], deltas: list[list[float | None]]) -> str:
@@ -114,46 +182,9 @@ def class_delta_heatmap_svg(variants: list[str], deltas: list[list[float | None]
     axes.set_xlabel("class")
     axes.set_title("Per-class top-1 change vs FP32 (points)")
     figure.colorbar(image, ax=axes, fraction=0.03, pad=0.02)
-    return _svg(figure, "plot-class-deltas")
-
-
-def dag_levels(dag: dict[str, list[str]]) -> dict[str, int]:
-    """Each stage's column in the drawing: 0 for sources, else one more than its deepest need (any key order)."""
-    levels: dict[str, int] = {}
-
-    def level(name: str) -> int:
-        if name not in levels:
-            levels[name] = 1 + max((level(need) for need in dag.get(name, []) if need in dag), default=-1)
-        return levels[name]
-
-    for name in dag:
-        level(name)
-    return levels
+    return svg_element(figure, "plot-class-deltas")
 
 
 def dag_svg(dag: dict[str, list[str]], stages: dict[str, dict[str, Any]]) -> str:
-    """The recipe's stage graph left to right, each box coloured by the stage's state and showing its time."""
-    depth = dag_levels(dag)
-    order = [name for name in stages if name in dag] + [name for name in dag if name not in stages]
-    columns: dict[int, list[str]] = {}
-    for name in order:
-        columns.setdefault(depth[name], []).append(name)
-    rows = max(len(names) for names in columns.values())
-    figure = Figure(figsize=(1.9 * len(columns) + 0.4, 0.9 * rows + 0.6))
-    axes = figure.add_subplot()
-    position = {name: (level, -row) for level, names in columns.items() for row, name in enumerate(names)}
-    for name, needs in dag.items():
-        for need in needs:
-            axes.annotate("", xy=(position[name][0] - 0.38, position[name][1]), xytext=(position[need][0] + 0.38, position[need][1]),
-                          arrowprops={"arrowstyle": "->", "color": "#78909c", "lw": 1.2})
-    for name, (x, y) in position.items():
-        stage = stages.get(name, {})
-        state = stage.get("state", "not run")
-        timing = f" · {stage['seconds']:.2f}s" if state == "done" else ""
-        axes.text(x, y, f"{name}\n{state}{timing}", ha="center", va="center", fontsize=9, color="white",
-                  bbox={"boxstyle": "round,pad=0.45", "facecolor": STATE_COLORS.get(state, "#9e9e9e"), "edgecolor": "none"})
-    axes.set_xlim(-0.6, len(columns) - 0.4)
-    axes.set_ylim(-rows + 0.4, 0.6)
-    axes.axis("off")
-    return _svg(figure, "plot-dag")
-
+    """The recipe's stage graph left to right (``pipeline.review.dag``), each box coloured by the stage's state."""
+    return svg_element(dag_figure(dag, stages, STATE_COLORS), "plot-dag")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from rich.cells import cell_len
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.records.models import StageResult
 from pipeline.records.reports import BenchmarkReport, ValidationReport
@@ -52,25 +55,80 @@ def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def variants_table(record: dict[str, Any]) -> Table:
-    """The accuracy / size / time table of a run's variants against the FP32 baseline."""
-    table = Table(title=f"{record['recipe']['name']} · run {record['run_id']} · {record['state']}")
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header, a shorter one for narrow consoles, how readily it is dropped (0: never;
+    higher: sooner), whether it is left-aligned text, and whether its cells may fold onto more lines (free
+    text); figures and names never wrap, so none is cut."""
+
+    header: str
+    short: str
+    drop_rank: int = 0
+    left: bool = False
+    folds: bool = False
+
+
+FOLDED_WIDTH = 16  # what a folding column is counted at when fitting: it folds onto more lines below that
+CELL_PADDING = 3  # a column's padding and its border in rich's default box
+
+
+def table_width(columns: list[Column], cells: list[list[str]], short: bool) -> int:
+    """The width a table of these columns (cells in rich markup) needs to show every figure whole."""
+    total = 1
+    for index, column in enumerate(columns):
+        shown = [Text.from_markup(row[index]).cell_len for row in cells]
+        widest = max([cell_len(column.short if short else column.header)] + shown)
+        total += (min(widest, FOLDED_WIDTH) if column.folds else widest) + CELL_PADDING
+    return total
+
+
+def fitted_table(title: str, columns: list[Column], cells: list[list[str]], width: int | None, styles: list[str | None]) -> Table:
+    """A table of ``cells`` that fits ``width`` (None: any width): short headers first, then the columns
+    dropped by rank, so figures stay whole instead of ending in an ellipsis."""
+    kept = list(range(len(columns)))
+    short = False
+
+    def needed() -> int:
+        return table_width([columns[index] for index in kept], [[row[index] for index in kept] for row in cells], short)
+
+    if width is not None and needed() > width:
+        short = True
+        for index in sorted((i for i in kept if columns[i].drop_rank), key=lambda i: -columns[i].drop_rank):
+            if needed() <= width:
+                break
+            kept.remove(index)
+    table = Table(title=title)
+    for index in kept:
+        column = columns[index]
+        table.add_column(column.short if short else column.header, justify="left" if column.left else "right",
+                         no_wrap=not column.folds, overflow="fold")
+    for row, style in zip(cells, styles):
+        table.add_row(*(row[index] for index in kept), style=style)
+    return table
+
+
+def variants_table(record: dict[str, Any], width: int | None = None) -> Table:
+    """The accuracy / size / time table of a run's variants against the FP32 baseline; on a console narrower
+    than ``width`` needs, headers shorten and kind, stage seconds, logit and agreement columns go first."""
     rows = variant_rows(record)
     batch = next((row["latency_batch"] for row in rows if row["latency_batch"]), None)
-    latency_header = f"p50 ms @{batch}" if batch else "p50 ms"
-    headers = ("variant", "kind", "top-1", "Δ top-1", "agreement", "max |Δ logit|", "size", latency_header, "speed-up", "stage s", "status")
-    for header in headers:
-        table.add_column(header, justify="left" if header in ("variant", "kind", "status") else "right")
+    columns = [
+        Column("variant", "variant", left=True), Column("kind", "kind", 4, left=True), Column("top-1", "top-1"),
+        Column("Δ top-1", "Δ top-1"), Column("agreement", "agree", 2), Column("max |Δ logit|", "|Δ|", 3),
+        Column("size", "size"), Column(f"p50 ms @{batch}" if batch else "p50 ms", f"p50@{batch}" if batch else "p50"),
+        Column("speed-up", "×", 1), Column("stage s", "s", 5), Column("status", "status", left=True),
+    ]
+    cells = []
     for row in rows:
-        style = "red" if row["status"] == "rejected" else None
         timed = row["latency_p50_ms"] is not None
-        table.add_row(
+        cells.append([
             row["variant"], row["kind"], f"{row['top1']:.2%}", f"{row['delta_top1'] * 100:+.2f} pt",
             f"{row['agreement']:.2%}", f"{row['max_abs_logit_diff']:.3g}", format_bytes(row["size_bytes"]),
             f"{row['latency_p50_ms']:.3f}" if timed else "-", f"{row['speedup_vs_baseline']:.2f}×" if timed else "-",
-            row["stage_seconds"], row["status"], style=style,
-        )
-    return table
+            row["stage_seconds"], row["status"],
+        ])
+    styles = ["red" if row["status"] == "rejected" else None for row in rows]
+    return fitted_table(f"{record['recipe']['name']} · run {record['run_id']} · {record['state']}", columns, cells, width, styles)
 
 
 def _metrics_summary(run_id: str, stage: StageResult) -> str:
@@ -87,19 +145,18 @@ def _metrics_summary(run_id: str, stage: StageResult) -> str:
     return ", ".join(shown[:6])
 
 
-def stages_table(record: dict[str, Any]) -> Table:
-    """Each stage of a run: state, seconds, artifact path, headline metrics or the reason it did not finish."""
-    table = Table(title=f"run {record['run_id']} · {record['recipe']['name']} · {record['state']}")
-    for header in ("stage", "uses", "state", "seconds", "artifact", "metrics / reason"):
-        table.add_column(header, overflow="fold")
+def stages_table(record: dict[str, Any], width: int | None = None) -> Table:
+    """Each stage of a run: state, seconds, artifact path, headline metrics or the reason it did not finish;
+    on a console narrower than ``width`` needs, the artifact and uses columns go first."""
+    columns = [Column("stage", "stage", left=True), Column("uses", "uses", 2, left=True), Column("state", "state", left=True),
+               Column("seconds", "s"), Column("artifact", "artifact", 3, left=True),
+               Column("metrics / reason", "metrics / reason", left=True, folds=True)]
     colors = {"done": "green", "cached": "cyan", "failed": "red", "rejected": "red", "skipped": "yellow"}
     run_id, stages = run_stages(record)
-    for stage in stages:
-        table.add_row(
-            stage.name, stage.uses, f"[{colors.get(stage.state, 'white')}]{stage.state}[/]",
-            f"{stage.seconds:.2f}", stage.artifact or "-", stage.reason or _metrics_summary(run_id, stage),
-        )
-    return table
+    cells = [[stage.name, stage.uses, f"[{colors.get(stage.state, 'white')}]{stage.state}[/]", f"{stage.seconds:.2f}",
+              stage.artifact or "-", stage.reason or _metrics_summary(run_id, stage)] for stage in stages]
+    return fitted_table(f"run {record['run_id']} · {record['recipe']['name']} · {record['state']}", columns, cells, width,
+                        [None] * len(cells))
 
 
 def runs_table(records: list[dict[str, Any]]) -> Table:

@@ -7,6 +7,7 @@ file from one open descriptor into ``<store>/checkpoints/<sha256>/<file name>``,
 copies them, and every stage reads that snapshot. The copy is written under ``<store>/tmp`` (named like
 a work folder, so ``optipipe gc`` clears a crashed copy) and renamed into place; a snapshot already
 there is reused once its digest verifies. The file name is kept so messages still name the user's file.
+The snapshot is read-only and as readable as the umask allows (0444 & ~umask), like a published artifact.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.errors import CheckpointError
-from pipeline.records.store import ArtifactStore, sha256_file
+from pipeline.records.store import PUBLISHED_FILE_MODE, ArtifactStore, sha256_file, umasked
 
 BLOCK_BYTES = 1 << 20
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
@@ -95,7 +96,7 @@ def snapshot_checkpoint(store: ArtifactStore, checkpoint_path: Path) -> tuple[Pa
         if snapshot.is_file() and sha256_file(snapshot) == sha256:
             return snapshot, sha256
         snapshot.parent.mkdir(parents=True, exist_ok=True)
-        temporary.chmod(0o444)
+        temporary.chmod(umasked(PUBLISHED_FILE_MODE))  # readable as the umask allows, written by nobody
         os.replace(temporary, snapshot)
     finally:
         temporary.unlink(missing_ok=True)

@@ -22,10 +22,13 @@ from pipeline.errors import CheckpointError, StoreError, one_line
 from pipeline.recipe.plan import Plan
 from pipeline.records.models import StageResult
 from pipeline.records.store import ArtifactStore
+from pipeline.run.cancel import Cancelled, raise_if_cancelled
 from pipeline.run.checkpoint_snapshot import not_a_regular_file, snapshot_checkpoint
 from pipeline.run.executor import StageCall, execute
 from pipeline.run.record import RunRecorder, new_run_id
 from pipeline.run.registry import declaration
+
+CANCELLED_MESSAGE = "interrupted (Ctrl-C); finished stages are kept and a re-run resumes from the cache"
 
 
 class Pending(Protocol):
@@ -109,7 +112,9 @@ def run_plan(plan: Plan, store: ArtifactStore, checkpoint_path: Path | str, *, o
     The checkpoint is read once, into the store's snapshot of it (``pipeline.run.checkpoint_snapshot``):
     stages load the snapshot, so the weights loaded are the bytes hashed into the keys, whatever happens
     to the user's file meanwhile; the run record names the user's path. Ctrl-C marks the run
-    ``cancelled`` (its finished artifacts stay; a re-run resumes from the cache) and is raised again.
+    ``cancelled`` (its finished artifacts stay; a re-run resumes from the cache) and is raised again:
+    a KeyboardInterrupt at once, or, under ``pipeline.run.cancel.interrupt_stops_runs``, ``Cancelled``
+    once the running stages have stopped at their next step.
     """
     checkpoint_path = Path(checkpoint_path)
     check_checkpoint_file(checkpoint_path)
@@ -132,8 +137,9 @@ def run_plan(plan: Plan, store: ArtifactStore, checkpoint_path: Path | str, *, o
     state = PlanRun(plan, recorder)
     try:
         drive(state, template, submit)
-    except KeyboardInterrupt:
-        recorder.finish("cancelled", "interrupted (Ctrl-C); finished stages are kept and a re-run resumes from the cache")
+        raise_if_cancelled()
+    except (KeyboardInterrupt, Cancelled):
+        recorder.finish("cancelled", CANCELLED_MESSAGE)
         raise
     finally:
         if closer is not None:

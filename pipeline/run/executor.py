@@ -4,8 +4,9 @@
 name, upstream artifact keys), so the same function runs in a thread of ``optipipe run``, in a Prefect
 task, or in another process: it rebuilds the plan, the store and the data it needs from them. It always
 returns a ``StageResult``: deliberate ``OptipipeError``s become one-line failures, anything else is an
-internal error whose traceback is kept in a log file beside the run record. Ctrl-C is not a failure: it
-propagates. Stages that declare ``exclusive`` run holding the process's torch lock, taken here and
+internal error whose traceback is kept in a log file beside the run record. Ctrl-C is not a failure: a
+``KeyboardInterrupt`` propagates, and a cancelled run (``pipeline.run.cancel``) gives a skipped result,
+with nothing published, for a stage it stopped or had not started. Stages that declare ``exclusive`` run holding the process's torch lock, taken here and
 nowhere else; the time spent waiting for it is recorded apart from the stage's own seconds. Holding it,
 a stage starts with torch's, numpy's and Python's random generators seeded from its cache key.
 """
@@ -27,6 +28,7 @@ from pipeline.errors import OptipipeError, RecipeError, StageError, StageUnavail
 from pipeline.recipe.plan import Plan, load_recipe
 from pipeline.records.models import StageResult
 from pipeline.records.store import Artifact, ArtifactStore
+from pipeline.run.cancel import Cancelled, raise_if_cancelled
 from pipeline.run.contract import StageContext, StageOutput
 from pipeline.run.identity import RunIdentity, cache_key, cache_payload, data_identity
 from pipeline.run.measure import PeakRSS
@@ -73,6 +75,7 @@ _plans: dict[tuple[str, tuple[str, ...]], Plan] = {}
 _data: dict[str, Any] = {}
 _cache_lock = threading.Lock()
 CACHED_RUNS = 2
+CANCELLED_REASON = "cancelled (Ctrl-C) before it finished; a re-run runs it"
 
 
 def plan_of(call: StageCall) -> Plan:
@@ -201,6 +204,7 @@ def execute(call: StageCall) -> StageResult:
     store = ArtifactStore(call.store_root)
     uses, key, started = call.stage, None, time.perf_counter()
     try:
+        raise_if_cancelled()
         plan = plan_of(call)
         uses = plan.recipe.stages[call.stage].uses
         upstream = {name: stored(store, artifact_key, f"'{name}'") for name, artifact_key in call.inputs.items()}
@@ -216,6 +220,8 @@ def execute(call: StageCall) -> StageResult:
         return run_and_publish(call, plan, store, upstream, baseline, payload, key)
     except StageUnavailable as unavailable:
         return StageResult(name=call.stage, uses=uses, state="skipped", reason=str(unavailable))
+    except Cancelled:
+        return StageResult(name=call.stage, uses=uses, state="skipped", reason=CANCELLED_REASON)
     except Exception as error:  # every failure becomes a result; a bug keeps its traceback in a log file
         return failure_result(store, call, uses, key, time.perf_counter() - started, error)
 
@@ -235,6 +241,7 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
         )
         inputs = {name: handle_of(store, artifact) for name, artifact in upstream.items()}
         with exclusive(declared.exclusive) as waited:
+            raise_if_cancelled()  # cancelled while waiting for the torch lock
             if declared.exclusive:
                 seed_random_generators(key)
             started = time.perf_counter()
@@ -255,3 +262,23 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
         raise
     return StageResult(name=call.stage, uses=spec.uses, state="done", seconds=round(seconds, 4), key=key,
                        artifact=str(artifact.path), metrics=output.metrics, waited_seconds=round(waited[0], 4))
+
+
+def cached_artifacts(plan: Plan, store: ArtifactStore, checkpoint_sha256: str) -> dict[str, Artifact | None]:
+    """Each stage's artifact already in the store, keyed as ``execute`` would key it, or None where it will run.
+
+    Keys chain through the digests of cached upstream artifacts; a stage downstream of one that will run
+    gets None, since its inputs do not exist yet. Reads the store only (no leases).
+    """
+    identity = RunIdentity.of(plan, checkpoint_sha256)
+    found: dict[str, Artifact | None] = {}
+    for name in plan.order:
+        upstream = [found[needed] for needed in plan.needs_of(name)]
+        baseline = found[plan.baseline] if plan.uses_baseline(name) else None
+        if any(artifact is None for artifact in upstream) or (plan.uses_baseline(name) and baseline is None):
+            found[name] = None
+            continue
+        payload = cache_payload(plan, name, identity, [artifact.digest for artifact in upstream],
+                                baseline.digest if baseline else None)
+        found[name] = store.read(cache_key(payload))
+    return found

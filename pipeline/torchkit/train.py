@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.progress import track
+from pipeline.run.cancel import raise_if_cancelled
 from pipeline.torchkit.data import split_batch
 
 
@@ -28,6 +29,7 @@ def train_classifier(
     """Train ``model`` (Adam unless an optimizer is given); returns the optimizer and last epoch's mean loss.
 
     ``loss(model, inputs, labels)`` computes one batch's loss (default: cross-entropy of ``model(inputs)``).
+    A cancelled run (Ctrl-C) stops it before the next batch with ``Cancelled``.
     """
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     loss_of_batch = loss or cross_entropy_loss
@@ -36,6 +38,7 @@ def train_classifier(
     for epoch in track(range(epochs), description):
         total, batches = 0.0, 0
         for batch in train_loader:
+            raise_if_cancelled()
             inputs, labels = split_batch(batch, "train")
             optimizer.zero_grad(set_to_none=True)
             batch_loss = loss_of_batch(model, inputs, labels)

@@ -1,0 +1,79 @@
+"""The few figures of each stage a reviewer looks for, read from its metrics in the run record.
+
+Validate and benchmark figures are not here: they are read through ``pipeline.records.variants`` and
+shown in the variants and timings tables. A figure a stage did not record is left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.review.tables import format_bytes
+
+
+def _percent(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _layers(value: dict[str, int]) -> str:
+    return ", ".join(f"{count}× {layer}" for layer, count in value.items()) or "none"
+
+
+def _removed(before: str, after: str, render: Callable[[Any], str] = _count) -> Callable[[dict[str, Any]], str | None]:
+    """A figure 'N of M (x%)' removed, from a before/after pair of counts."""
+    def shown(metrics: dict[str, Any]) -> str | None:
+        old, new = metrics.get(before), metrics.get(after)
+        if not isinstance(old, (int, float)) or not isinstance(new, (int, float)) or not old:
+            return None
+        return f"{render(old - new)} of {render(old)} ({(old - new) / old:.1%})"
+    return shown
+
+
+def _field(name: str, render: Callable[[Any], str] = str) -> Callable[[dict[str, Any]], str | None]:
+    """A figure read from one metrics field, rendered when the field is present."""
+    def shown(metrics: dict[str, Any]) -> str | None:
+        value = metrics.get(name)
+        return None if value is None else render(value)
+    return shown
+
+
+# stage implementation -> (label, how to read it from the stage's metrics), in display order
+HIGHLIGHTS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str | None]]]] = {
+    "load_checkpoint": [("format", _field("format")), ("parameters", _field("parameters", _count)),
+                        ("optimizer state", _field("has_optimizer_state", lambda v: "yes" if v else "no"))],
+    "strip_optimizer": [("size removed", _removed("bytes_before", "bytes_after", format_bytes))],
+    "fuse_conv_bn": [("fused pairs", _field("fused_pairs", _count)), ("method", _field("method")),
+                     ("BatchNorms left", _field("batchnorms_left", _count))],
+    "prune": [("MACs removed", _removed("macs_before", "macs_after")), ("sparsity", _field("sparsity", _percent)),
+              ("method", _field("method")), ("parameters removed", _removed("params_before", "params_after"))],
+    "distill": [("student top-1", _field("student_top1", _percent)), ("retention", _field("retention", _percent)),
+                ("epochs", _field("epochs", _count))],
+    "quantize": [("mode", _field("mode")), ("calibration batches", _field("calibration_batches", _count)),
+                 ("quantized layers", _field("quantized_layers", _layers))],
+    "quantize_onnx": [("mode", _field("mode")), ("calibration", _field("calibrate_method")),
+                      ("calibration samples", _field("calibration_samples", _count)), ("format", _field("format")),
+                      ("types", lambda m: f"weights {m['weight_type']}, activations {m['activation_type']}"
+                       if m.get("weight_type") and m.get("activation_type") else None)],
+    "export_onnx": [("opset", _field("opset")), ("nodes", _field("nodes", _count)), ("file", _field("onnx_bytes", format_bytes))],
+    "tensorrt": [("precision", _field("precision")), ("GPU", _field("gpu")), ("build", _field("build_seconds", lambda v: f"{v:.1f} s"))],
+    "precision": [("dtype", _field("dtype")), ("GPU", _field("gpu"))],
+}
+
+
+def stage_highlights(stage: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) of the figures worth showing for one stage; empty for a stage that recorded none of them."""
+    metrics = stage.get("metrics") or {}
+    found = []
+    for label, read in HIGHLIGHTS.get(stage.get("uses", ""), []):
+        try:
+            value = read(metrics)
+        except (KeyError, TypeError, ValueError):
+            value = None
+        if value is not None:
+            found.append((label, value))
+    return found
