@@ -40,7 +40,7 @@ from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.records.models import StageResult  # noqa: E402
 from pipeline.records.store import ArtifactStore  # noqa: E402
 from pipeline.review.page import markdown_summary  # noqa: E402
-from pipeline.review.prefect_view import name_flow_run, nightly_run_name, optimize_run_name, tag_flow_run, variant_table  # noqa: E402
+from pipeline.review.prefect_view import name_flow_run, nightly_run_name, optimize_run_name, stage_markdown, tag_flow_run, variant_table  # noqa: E402
 from pipeline.run.cancel import Cancelled as RunCancelled  # noqa: E402
 from pipeline.run.engine import CANCELLED_MESSAGE, run_plan  # noqa: E402
 from pipeline.run.executor import StageCall, execute  # noqa: E402
@@ -109,6 +109,7 @@ def run_stage(stage: str, call: dict[str, Any]) -> Any:
     result = execute(StageCall.from_dict(call))
     logger = get_run_logger()
     record = result.model_dump(mode="json")
+    create_markdown_artifact(markdown=stage_markdown(record), description=f"optipipe stage {stage}: {result.state}")
     if result.state == "failed":
         if result.log:
             logger.error("%s: internal error\n%s", stage, Path(result.log).read_text(encoding="utf-8"))
@@ -131,7 +132,10 @@ class TaskResult:
 
     def result(self) -> StageResult:
         self.future.wait()
-        return StageResult.model_validate(self.future.state.result(raise_on_failure=False))
+        outcome = self.future.state.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):  # the task itself raised (a bug outside execute): run_plan says so
+            raise outcome
+        return StageResult.model_validate(outcome)
 
 
 def submit_task(call: StageCall) -> TaskResult:

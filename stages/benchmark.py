@@ -26,7 +26,7 @@ from pydantic import Field, field_validator
 from pipeline.progress import track
 from pipeline.records.reports import BatchTiming, BenchmarkEntry, BenchmarkReport
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage
-from pipeline.run.measure import PeakRSS
+from pipeline.run.measure import PeakRSS, cpu_model, load_average
 from pipeline.torchkit.evaluate import rows_of
 from pipeline.torchkit.handles import ModelHandle, ReportFile
 from pipeline.torchkit.runners import Runner, runner_for
@@ -143,6 +143,8 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     report = BenchmarkReport(
         baseline_stage=ctx.baseline_name,
         threads=torch.get_num_threads(),
+        cpu_model=cpu_model(),
+        load_average=load_average(),
         warmup=params.warmup,
         min_iterations=params.iterations,
         min_seconds=params.min_seconds,

@@ -137,3 +137,15 @@ def test_cli_runs_and_show(first_run, store_root, capsys):
     assert main(["show", "latest", "--store", str(store_root)]) == 0
     out = capsys.readouterr().out
     assert "fused" in out and "agreement" in out
+
+
+def test_each_task_run_carries_its_stage_result_as_markdown(first_run):
+    """The Prefect UI's task page shows the stage's state, time, artifact folder and headline figures."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["markdown"])))
+    fused = [artifact.data for artifact in artifacts if artifact.task_run_id and "### fused (fuse_conv_bn)" in (artifact.data or "")]
+    assert fused, "no task-run markdown for the fused stage"
+    assert "artifact `" in fused[-1] and "fused pairs: 3" in fused[-1]

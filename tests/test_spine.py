@@ -181,3 +181,22 @@ def test_a_stage_call_is_plain_json_and_a_recipe_edited_mid_run_is_refused(tmp_p
     refused = execute(StageCall.from_dict({**call.as_dict(), "stage": "slim"}))
     assert refused.state == "failed" and refused.error == "input"
     assert refused.reason == f"{recipe} changed while run r1 was in progress; start a new run"
+
+
+def test_a_stage_its_task_runner_loses_is_an_internal_failure_with_a_traceback(tmp_path, demo_checkpoint):
+    from pipeline.recipe import load_recipe
+    from pipeline.records.store import ArtifactStore
+    from pipeline.run.engine import run_plan
+
+    class LostTask:
+        def result(self):
+            raise RuntimeError("worker died")
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(HELPER_RECIPE)
+    record = run_plan(load_recipe(recipe), ArtifactStore(tmp_path / "store"), demo_checkpoint, submit=lambda call: LostTask())
+    load = record["stages"][0]
+    assert record["state"] == "failed" and load["state"] == "failed" and load["error"] == "internal"
+    assert "RuntimeError: worker died" in Path(load["log"]).read_text()
+    assert load["reason"].startswith("stage 'load' was lost by the task runner: RuntimeError: worker died; traceback in ")
+    assert {stage["state"] for stage in record["stages"][1:]} == {"skipped"}

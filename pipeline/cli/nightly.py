@@ -85,6 +85,9 @@ def command_schedule(args: argparse.Namespace) -> int:
         return 0
     if not args.recipe or not args.checkpoints or not args.cron:
         raise OptipipeError("schedule needs RECIPE, --checkpoints DIR and --cron '0 2 * * *' (or --list, or --remove NAME)")
+    if not Path(args.checkpoints).is_dir() and not any(character in args.checkpoints for character in "*?["):
+        raise OptipipeError(f"--checkpoints '{args.checkpoints}' is not a folder (nor a glob such as 'runs/*.pt'); "
+                            "give the folder your training job writes checkpoints to")
     from pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, [])

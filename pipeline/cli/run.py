@@ -36,7 +36,9 @@ def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides:
     start_temporary_server()
     run_id = new_run_id()
     with interrupt_stops_runs(), (live_run_view(plan, store, run_id) if live else nullcontext()):
-        state = optimize(recipe_path, checkpoint_path, store_root, overrides, run_id, return_state=True)
+        # absolute paths: a retry from the Prefect UI must not depend on the working directory it runs in
+        state = optimize(*(str(Path(path).resolve()) for path in (recipe_path, checkpoint_path, store_root)), overrides, run_id,
+                         return_state=True)
     if not store.run_path(run_id).is_file():  # the flow failed before the run started
         outcome = state.result(raise_on_failure=False)
         raise outcome if isinstance(outcome, BaseException) else OptipipeError(state.message or "run failed")

@@ -75,6 +75,10 @@ class BenchmarkReport(Record):
 
     baseline_stage: str = Field(description="the recipe's name for the FP32 baseline stage")
     threads: int = Field(description="torch intra-op threads during timing")
+    cpu_model: str | None = Field(default=None, description="the CPU the timings were taken on (/proc/cpuinfo's model name)")
+    load_average: list[float] | None = Field(
+        default=None, description="the machine's 1, 5 and 15 minute load averages when timing ended (a busy machine skews figures)"
+    )
     warmup: int = Field(description="untimed calls per model before timing each batch size")
     min_iterations: int = Field(description="fewest timed calls per model and batch size")
     min_seconds: float = Field(description="least time spent timing each model and batch size")

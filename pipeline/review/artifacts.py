@@ -87,13 +87,14 @@ def first_benchmark(record: dict[str, Any]) -> BenchmarkReport | None:
 
 def machine_facts(record: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) of where the timings were taken: host, CPU model and threads as the benchmark report
-    records them (a report without a CPU model says so rather than guessing from this machine)."""
+    records them (a report without a CPU model says so rather than guessing from this machine), and the load."""
     facts = [("host", record.get("host") or "-")]
     report = first_benchmark(record)
     if report is not None:
-        extra = report.model_extra or {}
-        facts.append(("CPU", str(extra.get("cpu_model") or "not recorded by the benchmark stage")))
+        facts.append(("CPU", report.cpu_model or "not recorded by the benchmark stage"))
         facts.append(("threads", str(report.threads)))
+        if report.load_average is not None:
+            facts.append(("load average", " / ".join(f"{value:.2f}" for value in report.load_average) + " (1 / 5 / 15 min, when timing ended)"))
         facts.append(("timing", (f"{report.warmup} warm-up calls, ≥{report.min_iterations} calls and ≥{report.min_seconds:g} s "
                                  f"per batch size, {report.rounds} interleaved rounds")))
     return facts

@@ -16,6 +16,7 @@ from prefect.runtime import flow_run as current_flow_run
 
 from pipeline.errors import OptipipeError
 from pipeline.recipe import load_recipe
+from pipeline.review.stage_facts import stage_highlights
 from pipeline.review.tables import format_bytes, variant_rows
 
 NIGHTLY_TAG = "nightly"
@@ -90,3 +91,17 @@ def variant_table(record: dict[str, Any]) -> list[dict[str, str]]:
             "verdict": row["status"],
         })
     return table
+
+
+def stage_markdown(stage: dict[str, Any]) -> str:
+    """A task run's result as the Prefect UI shows it: state, time, artifact folder, headline figures or the reason."""
+    lines = [f"### {stage['name']} ({stage['uses']}): {stage['state']}"]
+    if stage.get("seconds"):
+        waited = stage.get("waited_seconds") or 0.0
+        lines.append(f"{stage['seconds']:.2f} s" + (f", after waiting {waited:.2f} s for the torch lock" if waited >= 0.01 else ""))
+    if stage.get("artifact"):
+        lines.append(f"artifact `{stage['artifact']}`")
+    if stage.get("reason"):
+        lines.append(f"reason: {stage['reason']}")
+    lines += [f"- {label}: {value}" for label, value in stage_highlights(stage)]
+    return "\n\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ from pipeline.records.models import StageResult
 from pipeline.records.store import ArtifactStore
 from pipeline.run.cancel import Cancelled, raise_if_cancelled
 from pipeline.run.checkpoint_snapshot import not_a_regular_file, snapshot_checkpoint
-from pipeline.run.executor import StageCall, execute
+from pipeline.run.executor import StageCall, execute, log_internal_error
 from pipeline.run.record import RunRecorder, new_run_id
 from pipeline.run.registry import declaration
 
@@ -152,8 +152,9 @@ def wait_for_result(pending: Pending, call: StageCall, uses: str, ended: queue.Q
     try:
         result = pending.result()
     except Exception as error:  # the task runner itself failed (a worker died): the run goes on without the stage
-        result = StageResult(name=call.stage, uses=uses, state="failed", error="internal",
-                             reason=f"stage '{call.stage}' was lost by the task runner: {one_line(error)}")
+        log_path = log_internal_error(ArtifactStore(call.store_root), call, error)
+        result = StageResult(name=call.stage, uses=uses, state="failed", error="internal", log=str(log_path),
+                             reason=f"stage '{call.stage}' was lost by the task runner: {one_line(error)}; traceback in {log_path}")
     ended.put(result)
 
 

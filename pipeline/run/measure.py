@@ -56,3 +56,23 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where the file or the field is missing)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        return None
+    return None
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the system does not report them)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
