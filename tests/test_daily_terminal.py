@@ -211,3 +211,21 @@ def test_plan_of_a_checkpoint_that_does_not_fit_is_one_error_line(tmp_path, writ
     assert time.monotonic() - started < 10
     assert process.returncode == 2
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ") and "does not fit" in stderr
+
+
+def test_running_loops_show_in_the_live_view_with_their_eta_and_loss():
+    from rich.console import Console
+
+    from pipeline.cli.live import loops_now
+    from pipeline.progress import active_loops, note, track
+
+    console = Console(width=120, record=True)
+    for epoch in track(range(4), "distill student"):
+        note(f"loss {1.0 / (epoch + 1):.4f}")
+        if epoch == 2:
+            [loop] = active_loops()
+            assert (loop.done, loop.total) == (2, 4)
+            console.print(loops_now())
+    text = console.export_text()
+    assert "distill student" in text and "2/4" in text and "ETA" in text and "loss 0.3333" in text
+    assert active_loops() == []

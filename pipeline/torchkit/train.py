@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from pipeline.progress import track
+from pipeline.progress import note, track
 from pipeline.run.cancel import raise_if_cancelled
 from pipeline.torchkit.data import split_batch
 
@@ -47,5 +47,6 @@ def train_classifier(
             total += batch_loss.item()
             batches += 1
         mean_loss = total / max(batches, 1)
+        note(f"loss {mean_loss:.4f}")  # shown beside the epoch bar of a run's live view
     model.eval()
     return optimizer, mean_loss
