@@ -33,7 +33,7 @@ from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.records.store import ArtifactStore  # noqa: E402
 from pipeline.records.variants import read_variants  # noqa: E402
 from pipeline.review.page import html_report  # noqa: E402
-from pipeline.review.tables import format_bytes  # noqa: E402
+from pipeline.review.units import format_bytes  # noqa: E402
 from pipeline.run.engine import run_plan  # noqa: E402
 from pipeline.torchkit.data import digits  # noqa: E402
 from pipeline.torchkit.demo_baseline import train_demo_checkpoint  # noqa: E402

@@ -120,7 +120,7 @@ def grace_seconds(text: str) -> float:
 
 def gc_lines(report: Any, keep: int, grace: str) -> list[str]:
     """What a collection did (or, dry, would do): each removal when dry, the summary, and what it kept and why."""
-    from pipeline.review.tables import format_bytes
+    from pipeline.review.units import format_bytes
 
     verb = "would remove" if report.dry_run else "removed"
     lines = [f"{verb} artifact {key}" for key in report.removed_artifacts] if report.dry_run else []

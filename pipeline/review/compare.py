@@ -22,7 +22,7 @@ from typing import Any, Literal
 from rich.table import Table
 
 from pipeline.records.variants import Variant, read_variants
-from pipeline.review.tables import format_bytes
+from pipeline.review.units import format_bytes
 
 LATENCY_BATCH = "1"
 LatencyBasis = Literal["baseline", "absolute"]

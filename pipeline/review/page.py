@@ -15,7 +15,8 @@ from pipeline.records.variants import read_variants
 from pipeline.review import plots
 from pipeline.review.artifacts import accuracy_budget, artifact_links, library_versions, machine_facts, reports_dir
 from pipeline.review.stage_facts import stage_highlights
-from pipeline.review.tables import format_bytes, variant_rows
+from pipeline.review.tables import variant_rows
+from pipeline.review.units import format_bytes
 
 PAGE_STYLE = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto; padding: 0 1.5rem; max-width: 1100px; color: #212121; }

@@ -17,7 +17,8 @@ from prefect.runtime import flow_run as current_flow_run
 from pipeline.errors import OptipipeError
 from pipeline.recipe import load_recipe
 from pipeline.review.stage_facts import stage_highlights
-from pipeline.review.tables import format_bytes, variant_rows
+from pipeline.review.tables import variant_rows
+from pipeline.review.units import format_bytes
 
 NIGHTLY_TAG = "nightly"
 

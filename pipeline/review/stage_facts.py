@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.review.tables import format_bytes
+from pipeline.review.units import format_bytes
 
 
 def _percent(value: float) -> str:

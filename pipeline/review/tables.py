@@ -12,17 +12,8 @@ from rich.text import Text
 from pipeline.records.models import StageResult
 from pipeline.records.reports import BenchmarkReport, ValidationReport
 from pipeline.records.variants import read_variants, run_stages, stage_report
-
-
-def format_bytes(size: int | None) -> str:
-    """Human-readable size: 1.2 MB, 340.0 kB."""
-    if size is None:
-        return "-"
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
+from pipeline.review.stage_facts import stage_highlights
+from pipeline.review.units import format_bytes
 
 
 def _stage_seconds(record: dict[str, Any], name: str) -> str:
@@ -132,7 +123,8 @@ def variants_table(record: dict[str, Any], width: int | None = None) -> Table:
 
 
 def _metrics_summary(run_id: str, stage: StageResult) -> str:
-    """Validate: each variant's verdict; benchmark: each variant's speed-up at the first batch size; else scalars."""
+    """Validate: each variant's verdict; benchmark: each variant's speed-up at the first batch size; else the
+    stage's highlighted figures (``pipeline.review.stage_facts``), or its first scalars."""
     report = stage_report(run_id, stage)
     if isinstance(report, ValidationReport):
         return ", ".join(f"{name}: {figures.status}" for name, figures in report.variants.items())
@@ -141,8 +133,16 @@ def _metrics_summary(run_id: str, stage: StageResult) -> str:
             f"{name}: {next(iter(entry.speedup_vs_baseline.values())):.2f}× at batch {next(iter(entry.batches))}"
             for name, entry in report.variants.items()
         )
-    shown = [f"{key}={value}" for key, value in (stage.metrics or {}).items() if isinstance(value, (int, float, str, bool))]
+    highlights = stage_highlights(stage.model_dump(mode="json"))
+    if highlights:  # the figures the review page shows for this kind of stage
+        return ", ".join(f"{label} {value}" for label, value in highlights)
+    shown = [f"{key}={_short(value)}" for key, value in (stage.metrics or {}).items() if isinstance(value, (int, float, str, bool))]
     return ", ".join(shown[:6])
+
+
+def _short(value: int | float | str | bool) -> str:
+    """A scalar as a table shows it: floats to 4 significant digits, so no figure is long enough to break."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def stages_table(record: dict[str, Any], width: int | None = None) -> Table:
