@@ -145,16 +145,20 @@ def _short(value: int | float | str | bool) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+SHORT_KEY = 12  # hex digits of an artifact key a table shows: unique in any store of a sane size
+
+
 def stages_table(record: dict[str, Any], width: int | None = None) -> Table:
-    """Each stage of a run: state, seconds, artifact path, headline metrics or the reason it did not finish;
-    on a console narrower than ``width`` needs, the artifact and uses columns go first."""
+    """Each stage of a run: state, seconds, its artifact's short key (``show --json`` and the review page give the
+    folder), headline metrics or the reason it did not finish; on a narrow console the key and uses columns go first."""
     columns = [Column("stage", "stage", left=True), Column("uses", "uses", 2, left=True), Column("state", "state", left=True),
-               Column("seconds", "s"), Column("artifact", "artifact", 3, left=True),
+               Column("seconds", "s"), Column("artifact", "key", 3, left=True),
                Column("metrics / reason", "metrics / reason", left=True, folds=True)]
     colors = {"done": "green", "cached": "cyan", "failed": "red", "rejected": "red", "skipped": "yellow"}
     run_id, stages = run_stages(record)
     cells = [[stage.name, stage.uses, f"[{colors.get(stage.state, 'white')}]{stage.state}[/]", f"{stage.seconds:.2f}",
-              stage.artifact or "-", stage.reason or _metrics_summary(run_id, stage)] for stage in stages]
+              (stage.key or "-")[:SHORT_KEY] if stage.artifact else "-", stage.reason or _metrics_summary(run_id, stage)]
+             for stage in stages]
     return fitted_table(f"run {record['run_id']} · {record['recipe']['name']} · {record['state']}", columns, cells, width,
                         [None] * len(cells))
 
