@@ -64,6 +64,14 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def still_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        return "(zombie)" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
 def wait_for_stage_underway(store: ArtifactStore, process: subprocess.Popen, ended_before: str, timeout: float = 180) -> None:
     """Poll the store's only run record until stage ``ended_before`` has a result: the next stage is underway."""
     deadline = time.monotonic() + timeout
@@ -99,6 +107,25 @@ def test_one_ctrl_c_cancels_the_run_exits_130_and_leaves_no_process(checkpoint, 
     time.sleep(0.5)
     assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
     assert not list((store.root / "artifacts").glob("*.partial")), "a stopped stage publishes nothing"
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_at_once(checkpoint, tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "OPTIPIPE_QUIET": "1"}
+    env.pop("PREFECT_API_URL", None)
+    process = optipipe("run", str(EDGE_SMALL), "--checkpoint", str(checkpoint), "--store", str(store.root), env=env)
+    wait_for_stage_underway(store, process, "slim")
+    children = children_of(process.pid)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    interrupted_again_at = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - interrupted_again_at < 3 and process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    time.sleep(1.0)  # the Prefect server child dies with its parent (PR_SET_PDEATHSIG)
+    assert [pid for pid in children if still_running(pid)] == []
 
 
 def test_cancel_event_stops_track_at_the_next_item():

@@ -149,3 +149,15 @@ def test_each_task_run_carries_its_stage_result_as_markdown(first_run):
     fused = [artifact.data for artifact in artifacts if artifact.task_run_id and "### fused (fuse_conv_bn)" in (artifact.data or "")]
     assert fused, "no task-run markdown for the fused stage"
     assert "artifact `" in fused[-1] and "fused pairs: 3" in fused[-1]
+
+
+def test_the_flow_run_is_named_and_tagged_for_its_recipe_and_checkpoint(first_run, demo_checkpoint):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    title = f"demo · {demo_checkpoint.name} · {first_run['run_id']}"
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[title])))
+    assert len(runs) == 1, f"no flow run named {title!r}"
+    assert {"demo", demo_checkpoint.name} <= set(runs[0].tags)
+    assert runs[0].parameters["recipe_path"] == str(DEMO_RECIPE.resolve()), "a UI retry must not depend on the working directory"
