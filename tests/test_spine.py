@@ -165,7 +165,7 @@ def test_the_read_side_imports_no_torch(tmp_path):
 
 def test_a_stage_call_is_plain_json_and_a_recipe_edited_mid_run_is_refused(tmp_path, demo_checkpoint):
     from pipeline.recipe import load_recipe
-    from pipeline.records.store import sha256_file
+    from pipeline.records.files import sha256_file
     from pipeline.run import executor
     from pipeline.run.executor import StageCall, execute
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipeline.errors import StoreError
-from pipeline.records.store import ArtifactStore, canonical_json
+from pipeline.records.files import canonical_json
+from pipeline.records.store import ArtifactStore
 from pipeline.run.identity import cache_key
 
 

@@ -22,7 +22,8 @@ from pipeline.errors import CheckpointError
 from pipeline.nightly import checkpoints as nightly_checkpoints
 from pipeline.nightly.checkpoints import newest_checkpoint
 from pipeline.recipe import load_recipe
-from pipeline.records.store import ArtifactStore, sha256_file
+from pipeline.records.files import sha256_file
+from pipeline.records.store import ArtifactStore
 from pipeline.run.engine import check_checkpoint_file, in_threads, run_plan
 from pipeline.zoo import digits_cnn
 from tests.conftest import REPO_ROOT
@@ -59,7 +60,8 @@ for _ in range(history):
     scratch.register_forward_hook(lambda *args: None)
 torch.rand(history); numpy.random.rand(history); [random.random() for _ in range(history)]
 from pipeline.recipe import load_recipe
-from pipeline.records.store import ArtifactStore, sha256_file
+from pipeline.records.store import ArtifactStore
+from pipeline.records.files import sha256_file
 from pipeline.run.engine import run_plan
 store = ArtifactStore(sys.argv[2])
 record = run_plan(load_recipe(sys.argv[1]), store, sys.argv[3])

@@ -10,7 +10,8 @@ import torch
 from pipeline.cli import main
 from pipeline.errors import RecipeError
 from pipeline.recipe import load_recipe
-from pipeline.records.store import ArtifactStore, sha256_file
+from pipeline.records.files import sha256_file
+from pipeline.records.store import ArtifactStore
 from pipeline.run.engine import run_plan
 from pipeline.run.identity import RunIdentity, cache_key, cache_payload
 from pipeline.zoo import mlp

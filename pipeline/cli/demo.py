@@ -39,7 +39,7 @@ def training_inputs(epochs: int, seed: int) -> dict[str, Any]:
 
 def reusable_training(checkpoint_path: Path, inputs: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
     """The training record of a checkpoint trained from ``inputs`` (else None), and why it is or is not reused."""
-    from pipeline.records.store import sha256_file
+    from pipeline.records.files import sha256_file
 
     record_path = training_record_path(checkpoint_path)
     if not checkpoint_path.is_file() or not record_path.is_file():
@@ -60,7 +60,7 @@ def reusable_training(checkpoint_path: Path, inputs: dict[str, Any]) -> tuple[di
 
 def demo_checkpoint(checkpoint_path: Path, epochs: int) -> dict[str, Any]:
     """Reuse or train the demo checkpoint, saying which and why; its figures (``loss``, ``eval_top1``)."""
-    from pipeline.records.store import sha256_file, write_json_atomic
+    from pipeline.records.files import sha256_file, write_json_atomic
     from pipeline.torchkit.demo_baseline import train_demo_checkpoint
 
     inputs = training_inputs(epochs, DEMO_SEED)

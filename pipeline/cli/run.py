@@ -117,7 +117,7 @@ def command_plan(args: argparse.Namespace) -> int:
     """optipipe plan RECIPE [--checkpoint CKPT]: the DAG, what is cached and what will run, and whether the
     checkpoint fits the model; before any Prefect start-up."""
     from pipeline.recipe import load_recipe
-    from pipeline.records.store import sha256_file
+    from pipeline.records.files import sha256_file
     from pipeline.run.engine import check_checkpoint_file
     from pipeline.run.executor import cached_artifacts
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StoreError
-from pipeline.records.store import MANIFEST_FILE, QUARANTINE_DIR, ArtifactStore, process_alive, read_text_nofollow
+from pipeline.records.files import read_text_nofollow
+from pipeline.records.store import MANIFEST_FILE, QUARANTINE_DIR, ArtifactStore, process_alive
 
 DEFAULT_GRACE_SECONDS = 3600.0
 PRODUCED = ("done", "cached")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.errors import CheckpointError
-from pipeline.records.store import PUBLISHED_FILE_MODE, ArtifactStore, sha256_file, umasked
+from pipeline.records.files import PUBLISHED_FILE_MODE, sha256_file, umasked
+from pipeline.records.store import ArtifactStore
 
 BLOCK_BYTES = 1 << 20
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",

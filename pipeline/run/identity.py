@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.imports import locate_module, split_reference
 from pipeline.recipe.plan import Plan, factory_references
 from pipeline.recipe.schema import DataSpec
-from pipeline.records.store import canonical_json, sha256_file, sha256_text
+from pipeline.records.files import canonical_json, sha256_file, sha256_text
 from pipeline.run.code_digest import DEFAULT_ROOTS, code_digest
 from pipeline.run.measure import library_versions
 from pipeline.run.registry import declaration, stage_module_name
