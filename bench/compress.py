@@ -127,12 +127,19 @@ MODELS = {
 }
 
 
+class NoAliasDumper(yaml.SafeDumper):
+    """Writes a value used twice (a shared ``needs`` list) out twice: recipes refuse YAML aliases."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 def run_recipe(bench_model: BenchModel, workdir: Path) -> dict[str, Any]:
     """Make the checkpoint, write the recipe, run every stage in order; returns the run record."""
     checkpoint = workdir / f"{bench_model.name}.pt"
     bench_model.make_checkpoint(checkpoint)
     recipe_path = workdir / f"{bench_model.name}.yaml"
-    recipe_path.write_text(yaml.safe_dump(bench_model.recipe(), sort_keys=False))
+    recipe_path.write_text(yaml.dump(bench_model.recipe(), Dumper=NoAliasDumper, sort_keys=False))
     return run_plan(load_recipe(recipe_path), ArtifactStore(workdir / "store"), checkpoint)
 
 

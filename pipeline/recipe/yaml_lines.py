@@ -44,7 +44,8 @@ class RecipeLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise AnchorRefused(
-                problem="YAML anchors and aliases (&name, *name) are not allowed in a recipe; write the value out",
+                problem="YAML anchors and aliases (&name, *name) are not allowed in a recipe; write the value out "
+                "(a recipe written by yaml.dump: give it a Dumper whose ignore_aliases returns True)",
                 problem_mark=event.start_mark,
             )
         return super().compose_node(parent, index)
