@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import threading
@@ -12,13 +13,19 @@ TRACKED_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript", "n
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour shapes stage outputs (part of every cache key)."""
-    versions = {"python": platform.python_version()}
+    return dict(_installed_versions())
+
+
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """Looked up once per process: the installed versions do not change under a running process."""
+    versions = [("python", platform.python_version())]
     for name in TRACKED_LIBRARIES:
         try:
-            versions[name] = metadata.version(name)
+            versions.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
+            versions.append((name, "absent"))
+    return tuple(versions)
 
 
 def current_rss_bytes() -> int:
