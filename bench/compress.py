@@ -37,7 +37,7 @@ from pipeline.review.units import format_bytes  # noqa: E402
 from pipeline.run.engine import run_plan  # noqa: E402
 from pipeline.torchkit.data import digits  # noqa: E402
 from pipeline.torchkit.demo_baseline import train_demo_checkpoint  # noqa: E402
-from pipeline.torchkit.train import train_classifier  # noqa: E402
+from pipeline.torchkit.train import train_model  # noqa: E402
 
 THREADS = 2
 BATCHES = ["1", "8"]
@@ -92,7 +92,7 @@ def train_digits32_resnet(path: Path) -> None:
     torch.manual_seed(0)
     train_loader, _ = digits(batch_size=64, seed=0, size=32)
     model = zoo.resnet_small(width=32)
-    optimizer, loss = train_classifier(model, train_loader, epochs=6, lr=3e-3, description="train resnet_small@32")
+    optimizer, loss = train_model(model, train_loader, epochs=6, lr=3e-3, description="train resnet_small@32")
     torch.save({"model_state_dict": model.state_dict(), "epoch": 6, "loss": loss}, path)
 
 

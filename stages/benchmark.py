@@ -161,3 +161,8 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 STAGE = declare_stage(
     takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=3, params=Params, run=run, runs_alone=True, capabilities={"eval_data"},
 )
+
+
+STAGE = declare_stage(
+    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=3, params=Params, run=run, runs_alone=True, capabilities={"eval_data"},
+)

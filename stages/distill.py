@@ -11,7 +11,7 @@ Where teacher and student come from depends on ``student``:
 
 Loss per batch: ``alpha * T^2 * KL(softmax(s/T) || softmax(t/T)) + (1 - alpha) * CE(s, labels)`` with the
 teacher's logits computed under ``inference_mode`` in eval mode; ``alpha: 0`` is plain cross-entropy
-training. The student is trained with Adam by ``pipeline.torchkit.train.train_classifier``. Weights a pruning stage
+training. The student is trained with Adam by ``pipeline.torchkit.train.train_model``. Weights a pruning stage
 set to exactly zero (in Conv/Linear layers) are kept at zero while training, so distillation does not undo
 pruning. Both models' top-1 on the eval data are recorded, with the retention ratio student / teacher.
 """
@@ -34,7 +34,7 @@ from pipeline.torchkit.complexity import WEIGHTED_LAYERS, count_params
 from pipeline.torchkit.evaluate import agreement, predict_all, top1
 from pipeline.torchkit.handles import ModelHandle, TorchModel, build_module, save_like, save_torch_weights
 from pipeline.torchkit.runners import TorchRunner
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 
 LossOfBatch = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -154,7 +154,7 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     teacher_logits = predict_all(TorchRunner(teacher), eval_inputs, description="distill: teacher eval")
     student_top1_before = top1(predict_all(TorchRunner(student), eval_inputs, description="distill: student eval"), eval_labels)
     masked = keep_pruned_zeros(student)
-    _, final_loss = train_classifier(
+    _, final_loss = train_model(
         student,
         ctx.data.train,
         epochs=params.epochs,
@@ -181,6 +181,11 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         "epochs": params.epochs,
     }
     return StageOutput(product=saved_student(student, ctx, params, only_input(inputs)[1]), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
+)
 
 
 STAGE = declare_stage(

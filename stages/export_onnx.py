@@ -211,3 +211,8 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 STAGE = declare_stage(
     takes=("torch",), makes="onnx", inputs="one", version=1, params=Params, run=run, capabilities={"eval_data"},
 )
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="onnx", inputs="one", version=1, params=Params, run=run, capabilities={"eval_data"},
+)

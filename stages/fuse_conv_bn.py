@@ -186,3 +186,8 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 STAGE = declare_stage(
     takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"eval_data"},
 )
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"eval_data"},
+)

@@ -326,3 +326,8 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 STAGE = declare_stage(
     takes=(), makes="torch", inputs="none", version=1, params=Params, run=run, capabilities={"checkpoint"},
 )
+
+
+STAGE = declare_stage(
+    takes=(), makes="torch", inputs="none", version=1, params=Params, run=run, capabilities={"checkpoint"},
+)

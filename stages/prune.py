@@ -33,7 +33,7 @@ from pipeline.torchkit.complexity import count_macs, count_params, layer_sparsit
 from pipeline.torchkit.evaluate import compare_logits, predict_all, top1
 from pipeline.torchkit.handles import ModelHandle, save_like
 from pipeline.torchkit.runners import TorchRunner
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 
 
 class Finetune(StageParams):
@@ -127,7 +127,7 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     metrics = {"top1_before": top1(reference, eval_labels)}
     metrics |= eval_figures(model, ctx, reference, "after_prune")
     if params.finetune is not None:
-        _, metrics["finetune_loss"] = train_classifier(
+        _, metrics["finetune_loss"] = train_model(
             model, ctx.data.train, params.finetune.epochs, params.finetune.lr, description=f"{ctx.name}: finetune"
         )
         metrics |= eval_figures(model, ctx, reference, "after_finetune")
@@ -151,6 +151,11 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     product = save_like(model, ctx.workdir, source, [cut.as_dict() for cut in cuts])
     metrics["saved_as"] = "weights and pruning history" if product.meta.get("format") == "state_dict" else "whole module"
     return StageOutput(product=product, metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"train_data", "eval_data"},
+)
 
 
 STAGE = declare_stage(

@@ -39,7 +39,7 @@ from pipeline.torchkit.data import split_batch
 from pipeline.torchkit.evaluate import compare_logits, predict_all, top1
 from pipeline.torchkit.handles import ModelHandle, save_and_reload
 from pipeline.torchkit.runners import TorchRunner
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 
 # The parameters only some modes use; given with another mode they are refused, not ignored.
 MODE_PARAMETERS: dict[str, set[str]] = {"static": {"calibration_batches"}, "qat": {"epochs", "lr"}}
@@ -179,7 +179,7 @@ def quantize_model(ctx: StageContext, model: nn.Module, params: Params) -> tuple
     if params.mode == "static":
         used = calibrate(prepared, ctx.data.train, params.calibration_batches)
         return convert_graph(prepared, params.mode), {"backend": BACKEND, "calibration_batches": used}
-    _, final_loss = train_classifier(prepared, ctx.data.train, params.epochs, params.lr, description="quantize: qat")
+    _, final_loss = train_model(prepared, ctx.data.train, params.epochs, params.lr, description="quantize: qat")
     made = {"backend": BACKEND, "epochs": params.epochs, "lr": params.lr, "final_train_loss": final_loss}
     return convert_graph(prepared, params.mode), made
 
@@ -209,6 +209,11 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         "eval_samples": comparison["samples"],
     }
     return StageOutput(product=product, metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"train_data", "eval_data"},
+)
 
 
 STAGE = declare_stage(

@@ -276,3 +276,8 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 STAGE = declare_stage(
     takes=("onnx",), makes="onnx", inputs="one", version=1, params=Params, run=run, exclusive=False, capabilities={"train_data", "eval_data"},
 )
+
+
+STAGE = declare_stage(
+    takes=("onnx",), makes="onnx", inputs="one", version=1, params=Params, run=run, exclusive=False, capabilities={"train_data", "eval_data"},
+)

@@ -300,3 +300,8 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 STAGE = declare_stage(
     takes=("torch", "onnx"), makes="engine", inputs="one", version=1, params=Params, run=run, capabilities={"cuda", "train_data", "eval_data"},
 )
+
+
+STAGE = declare_stage(
+    takes=("torch", "onnx"), makes="engine", inputs="one", version=1, params=Params, run=run, capabilities={"cuda", "train_data", "eval_data"},
+)

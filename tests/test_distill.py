@@ -15,7 +15,7 @@ from pipeline.errors import RecipeError, StageError
 from pipeline.torchkit.data import build_data
 from pipeline.torchkit.handles import TorchModel
 from pipeline.torchkit.runners import TorchRunner
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 from pipeline.zoo import mlp
 from stages import distill, fuse_conv_bn
 from tests.conftest import DIGITS_INPUT_SHAPE, as_input, one_stage_recipe
@@ -37,7 +37,7 @@ def teacher_model(one_torch_thread) -> nn.Module:
     """An MLP trained on digits for four seeded epochs (0.983 top-1)."""
     torch.manual_seed(0)
     teacher = mlp()
-    train_classifier(teacher, fresh_data().train, epochs=4, lr=3e-3)
+    train_model(teacher, fresh_data().train, epochs=4, lr=3e-3)
     return teacher.eval()
 
 
@@ -104,7 +104,7 @@ def pruned_fused_student(context, tmp_path: Path) -> TorchModel:
     """A weak MLP, BatchNorm fused by the fuse_conv_bn stage (an fx GraphModule), half its weights pruned for good."""
     torch.manual_seed(1)
     student = mlp(hidden=(32,))
-    train_classifier(student, fresh_data().train, epochs=1, lr=1e-3)
+    train_model(student, fresh_data().train, epochs=1, lr=1e-3)
     fused = fuse_conv_bn.run(context("fused"), {"input": as_input(student, tmp_path)}, fuse_conv_bn.Params()).product.load()
     for layer in fused.modules():
         if isinstance(layer, nn.Linear):

@@ -26,7 +26,7 @@ from pipeline.torchkit.data import DataBundle
 from pipeline.torchkit.handles import OnnxModel
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.tensorrt_runner import TensorRTRunner
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 from pipeline.zoo import digits_cnn, resnet_small
 from stages import export_onnx, precision, tensorrt
 from tests.conftest import DIGITS_INPUT_SHAPE, REPO_ROOT, as_input
@@ -221,7 +221,7 @@ def tensorrt_ready():
 def trained(factory, data: DataBundle, epochs: int = 4) -> nn.Module:
     torch.manual_seed(0)
     model = factory()
-    train_classifier(model, data.train, epochs=epochs, lr=3e-3, description="train")
+    train_model(model, data.train, epochs=epochs, lr=3e-3, description="train")
     return model.eval()
 
 

@@ -17,7 +17,7 @@ from pipeline.torchkit.data import build_data
 from pipeline.torchkit.evaluate import top1
 from pipeline.torchkit.handles import save_torch_weights
 from pipeline.torchkit.runners import TorchRunner
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 from pipeline.zoo import digits_cnn, mlp, resnet18, resnet_small
 from stages import fuse_conv_bn, prune
 from tests.conftest import DIGITS_INPUT_SHAPE, as_input, one_stage_recipe
@@ -60,7 +60,7 @@ def trained_cnn(data) -> nn.Module:
     """The zoo's digits_cnn (32-64-64 channels), trained 3 seeded epochs on digits."""
     torch.manual_seed(0)
     model = digits_cnn()
-    train_classifier(model, data.train, epochs=3, lr=3e-3)
+    train_model(model, data.train, epochs=3, lr=3e-3)
     return model.eval()
 
 

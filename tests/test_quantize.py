@@ -19,7 +19,7 @@ from pipeline.errors import StageError
 from pipeline.run.contract import StageContext, StageOutput
 from pipeline.torchkit.handles import TORCH_MODULE_FILE, TorchModel
 from pipeline.torchkit.runners import TorchRunner
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 from pipeline.zoo import digits_cnn, mlp
 from stages import fuse_conv_bn, quantize
 from tests.conftest import REPO_ROOT, as_input, one_stage_recipe
@@ -38,7 +38,7 @@ def trained(factory, data, epochs: int) -> nn.Module:
     """``factory()`` trained for a few seeded epochs on the digits train split."""
     torch.manual_seed(0)
     model = factory()
-    train_classifier(model, data.train, epochs=epochs, lr=3e-3)
+    train_model(model, data.train, epochs=epochs, lr=3e-3)
     return model.eval()
 
 

@@ -11,7 +11,7 @@ from pipeline.run.contract import StageContext
 from pipeline.torchkit.data import build_data
 from pipeline.torchkit.evaluate import compare_logits
 from pipeline.torchkit.handles import save_torch_module
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 from pipeline.zoo import digits_cnn
 from stages import validate
 from tests.conftest import one_stage_recipe
@@ -32,7 +32,7 @@ def test_variant_over_the_allowed_drop_is_rejected(tmp_path):
     torch.manual_seed(0)
     data = build_data(RECIPE.data, [1, 1, 8, 8])
     trained = digits_cnn()
-    train_classifier(trained, data.train, epochs=3, lr=3e-3)
+    train_model(trained, data.train, epochs=3, lr=3e-3)
     damaged = digits_cnn()
     damaged.load_state_dict(trained.state_dict())
     with torch.no_grad():

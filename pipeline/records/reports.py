@@ -7,9 +7,9 @@ Fields may be added; none may be renamed. Torch-free.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.records.models import Record
 
@@ -19,18 +19,46 @@ Verdict = Literal["accepted", "rejected"]
 
 class ModelValidation(Record):
     """One model's predictions on the eval split against the FP32 baseline's: the baseline's own entry holds
-    exactly these (its deltas are 0), a variant's adds its verdict."""
+    exactly these (its deltas are 0), a variant's adds its verdict.
 
-    top1: float = Field(description="share of eval inputs whose top class is the label")
-    delta_top1: float = Field(description="top1 minus the baseline's top1, as a fraction (-0.01 = one point lost)")
-    agreement: float = Field(description="share of eval inputs on which the model predicts the baseline's class")
-    max_abs_logit_diff: float = Field(description="largest |logit - baseline logit| over every input and class")
-    mean_abs_logit_diff: float = Field(description="mean |logit - baseline logit| over every input and class")
-    per_class_top1: list[float | None] = Field(description="top1 of each class; null for a class absent from the labels")
-    per_class_delta: list[float | None] = Field(description="per_class_top1 minus the baseline's, class by class")
+    ``metric`` / ``value`` / ``delta`` are the figure the budget applies to (the recipe's ``task`` and
+    ``metric``); the classification fields (``top1``, per-class) are null for other tasks. Reports written
+    before tasks existed are read as classification by top-1.
+    """
+
+    metric: str = Field(description="the figure budgets apply to: top1, mse, f1_micro, token_accuracy, or a metric function's")
+    higher_is_better: bool = Field(description="the metric's direction")
+    value: float = Field(description="the metric's value")
+    delta: float = Field(description="value minus the baseline's value (a loss for higher-is-better figures when negative)")
+    figures: dict[str, float] = Field(description="every figure the task measures (top1, top5 / mse, mae, max_abs_error, r2 / ...)")
+    figure_deltas: dict[str, float] = Field(description="each figure minus the baseline's")
+    top1: float | None = Field(default=None, description="classification: share of eval inputs whose top class is the label")
+    delta_top1: float | None = Field(default=None, description="classification: top1 minus the baseline's top1, as a fraction (-0.01 = one point lost)")
+    agreement: float | None = Field(
+        description="share of eval decisions equal to the baseline's (classes, label decisions, token classes); null for regression"
+    )
+    relative_error: float | None = Field(default=None, description="|outputs - baseline outputs| / |baseline outputs| (L2)")
+    cosine_similarity: float | None = Field(default=None, description="cosine similarity of the outputs with the baseline's")
+    max_abs_logit_diff: float = Field(description="largest |output - baseline output| over every input and output value")
+    mean_abs_logit_diff: float = Field(description="mean |output - baseline output| over every input and output value")
+    per_class_top1: list[float | None] = Field(default_factory=list, description="classification: top1 of each class; null for a class absent from the labels")
+    per_class_delta: list[float | None] = Field(default_factory=list, description="per_class_top1 minus the baseline's, class by class")
     samples: int = Field(description="eval inputs compared")
     kind: ModelKind = Field(description="the model's artifact kind")
     size_bytes: int = Field(description="size of the model's files on disk")
+
+    @model_validator(mode="before")
+    @classmethod
+    def classification_by_top1(cls, data: Any) -> Any:
+        """A report from before tasks existed: its metric is top-1."""
+        if isinstance(data, dict) and "metric" not in data and "top1" in data:
+            data = {**data, "metric": "top1", "higher_is_better": True, "value": data["top1"], "delta": data.get("delta_top1"),
+                    "figures": {"top1": data["top1"]}, "figure_deltas": {"top1": data.get("delta_top1")}}
+        return data
+
+    def drop(self) -> float:
+        """How much worse than the baseline the metric is (positive: worse), in the metric's units."""
+        return -self.delta if self.higher_is_better else self.delta
 
 
 class VariantValidation(ModelValidation):

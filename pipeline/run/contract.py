@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from pipeline.recipe.schema import Recipe
     from pipeline.torchkit.data import DataBundle
     from pipeline.torchkit.handles import ModelHandle
+    from pipeline.torchkit.model_io import ModelIO
+    from pipeline.torchkit.tasks import Scoring
 
 ModelKind = Literal["torch", "onnx", "engine", "report"]
 Arity = Literal["none", "one", "many"]
@@ -137,3 +139,17 @@ class StageContext:
     def data(self) -> "DataBundle":
         """The recipe's data (train and eval loaders), built on first use and shared across stages."""
         return self.load_data()
+
+    @cached_property
+    def io(self) -> "ModelIO":
+        """The model's declared inputs and output: how batches become feeds and forwards give predictions."""
+        from pipeline.torchkit.model_io import ModelIO
+
+        return ModelIO.of(self.recipe.model)
+
+    @cached_property
+    def scoring(self) -> "Scoring":
+        """The recipe's task and budget figure: how predictions are scored and compared with FP32."""
+        from pipeline.torchkit.tasks import Scoring
+
+        return Scoring.of(self.recipe)

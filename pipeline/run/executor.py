@@ -94,15 +94,16 @@ def data_of(plan: Plan, run_id: str) -> Any:
 
     Only the newest few runs' data stay cached, so a long-lived process (a served schedule) does not grow.
     """
-    from pipeline.torchkit.data import build_data, check_input_shape
+    from pipeline.torchkit.data import build_data, check_inputs
+    from pipeline.torchkit.model_io import ModelIO
 
     with _cache_lock:
         bundle = _data.get(run_id)
         if bundle is None:
             # a user factory drawing from the global generators gets the same draws whichever stage builds it
             with own_random_generators(cache_key(data_identity(plan.recipe.data))):
-                bundle = build_data(plan.recipe.data, plan.recipe.model.input_shape)
-                check_input_shape(bundle, plan.recipe.model.input_shape)  # reads the eval split: a loader draws a seed
+                bundle = build_data(plan.recipe.data, ModelIO.of(plan.recipe.model))
+                check_inputs(bundle)  # reads the eval split: a loader draws a seed
             _data[run_id] = bundle
             while len(_data) > CACHED_RUNS:
                 _data.pop(next(iter(_data)))

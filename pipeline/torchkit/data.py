@@ -1,14 +1,15 @@
 """Data sources: built-in ``digits`` (scikit-learn, ships offline) and ``synthetic``, or a user factory.
 
-Every source yields ``(inputs, labels)`` batches from a train loader (calibration, fine-tuning) and an
-eval loader (validation). Splits and shuffling are seeded so results are reproducible.
+Every source yields ``(inputs, target)`` batches from a train loader (calibration, fine-tuning) and an
+eval loader (validation); inputs may be a tensor, a tuple or a dict of tensors, as ``model.inputs``
+declares (``pipeline.torchkit.model_io``). Splits and shuffling are seeded so results are reproducible.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,14 +18,28 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.errors import DataError, RecipeError
 from pipeline.imports import resolve_callable
+from pipeline.torchkit.model_io import Feeds, ModelIO, feed_rows
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The whole eval split: feeds (input name -> array) and the targets as the loader gave them."""
+
+    inputs: Feeds
+    targets: np.ndarray
+
+    def example(self, rows: int = 8) -> Feeds:
+        """The first ``rows`` eval rows: a small real batch for tracing, export and parity checks."""
+        return feed_rows(self.inputs, slice(0, rows))
 
 
 @dataclass
 class DataBundle:
-    """Train and eval loaders of one data source."""
+    """Train and eval loaders of one data source, read through the model's declared inputs."""
 
     train: Iterable[Any]
     eval: Iterable[Any]
+    io: ModelIO
     train_seed: int | None = None  # the shuffle seed of a built-in train loader (None: a user factory's own loader)
 
     def for_stage(self) -> "DataBundle":
@@ -40,45 +55,46 @@ class DataBundle:
             self.train.dataset, batch_size=self.train.batch_size, shuffle=True,
             generator=torch.Generator().manual_seed(self.train_seed),
         )
-        fresh = DataBundle(train=train, eval=self.eval, train_seed=self.train_seed)
-        fresh.__dict__["eval_arrays"] = self.eval_arrays  # computed once per run, shared read-only
+        fresh = DataBundle(train=train, eval=self.eval, io=self.io, train_seed=self.train_seed)
+        fresh.__dict__["eval_set"] = self.eval_set  # computed once per run, shared read-only
         return fresh
 
     @cached_property
-    def eval_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The whole eval split as float32 inputs and int64 labels (validation compares every model on it)."""
-        inputs, labels = [], []
+    def eval_set(self) -> EvalSet:
+        """The whole eval split as feeds in the declared dtypes and targets (validation compares every model on it)."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.io.names}
+        targets = []
         for batch in self.eval:
-            batch_inputs, batch_labels = split_batch(batch, "eval")
-            inputs.append(batch_inputs.float().numpy())
-            labels.append(batch_labels.long().numpy())
-        if not inputs:
+            tensors, batch_targets = self.io.split_batch(batch, "eval")
+            for name, array in self.io.to_feeds(tensors).items():
+                parts[name].append(array)
+            targets.append(batch_targets.detach().cpu().numpy())
+        if not targets:
             raise DataError("the eval loader yielded no batches; validation needs at least one")
-        return np.concatenate(inputs), np.concatenate(labels)
+        return EvalSet(inputs={name: joined(arrays, f"eval input {name}") for name, arrays in parts.items()},
+                       targets=joined(targets, "eval targets"))
 
-    def example_batch(self) -> torch.Tensor:
-        """A small real input batch (from eval) for tracing, export and parity checks."""
-        return torch.from_numpy(self.eval_arrays[0][:8])
+    def train_batches(self, split: str = "train") -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """The train loader's batches as (input name -> tensor, target)."""
+        for batch in self.train:
+            yield self.io.split_batch(batch, split)
 
 
-def check_input_shape(data: DataBundle, input_shape: list[int]) -> None:
-    """Refuse data whose examples are not shaped like ``model.input_shape`` (batch dimension aside)."""
-    example_shape = list(data.eval_arrays[0].shape[1:])
-    if example_shape != list(input_shape[1:]):
+def joined(arrays: list[np.ndarray], what: str) -> np.ndarray:
+    """Batches joined along the batch axis; DataError when their other dims differ (batches padded to different lengths)."""
+    shapes = {array.shape[1:] for array in arrays}
+    if len(shapes) > 1:
+        listed = ", ".join(str(list(shape)) for shape in sorted(shapes)[:3])
         raise DataError(
-            f"the data's examples have shape {example_shape} but model.input_shape {list(input_shape)} expects "
-            f"{list(input_shape[1:])} per example; fix the data source or model.input_shape"
+            f"{what}: the eval batches differ in shape beyond the batch ({listed}); pad every eval batch to one length "
+            "(e.g. a tokenizer's padding='max_length') so all models are compared on the same inputs"
         )
+    return np.concatenate(arrays)
 
 
-def split_batch(batch: Any, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unpack an ``(inputs, labels)`` batch, or say what the loader yields instead."""
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise DataError(f"the {split} loader must yield (inputs, labels) pairs; it yielded a {type(batch).__name__}")
-    inputs, labels = batch[0], batch[1]
-    if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise DataError(f"the {split} loader must yield tensors; it yielded {type(inputs).__name__}, {type(labels).__name__}")
-    return inputs, labels
+def check_inputs(data: DataBundle) -> None:
+    """Refuse eval data whose inputs do not have the declared ranks, fixed dims and shared dims."""
+    data.io.check_feeds(data.eval_set.inputs, "the data")
 
 
 def train_shuffle_seed(seed: int) -> int:
@@ -129,8 +145,8 @@ def synthetic(
     return _loaders(inputs, labels, eval_fraction, batch_size, seed)
 
 
-def build_data(spec: Any, input_shape: list[int]) -> DataBundle:
-    """Build the loaders a recipe's ``data`` section describes."""
+def build_data(spec: Any, io: ModelIO) -> DataBundle:
+    """Build the loaders a recipe's ``data`` section describes, read through the model's declared inputs."""
     kwargs = dict(spec.kwargs)
     if spec.factory is not None:
         factory = resolve_callable(spec.factory, "data.factory")
@@ -142,12 +158,15 @@ def build_data(spec: Any, input_shape: list[int]) -> DataBundle:
             made = (made["train"], made["eval"])
         if not isinstance(made, (tuple, list)) or len(made) != 2:
             raise DataError(f"data.factory '{spec.factory}' must return (train_loader, eval_loader) or {{'train': ..., 'eval': ...}}")
-        return DataBundle(train=made[0], eval=made[1])
+        return DataBundle(train=made[0], eval=made[1], io=io)
+    if spec.source == "synthetic" and (len(io.specs) != 1 or io.specs[0].dtype != "float32"):
+        raise RecipeError("data.source synthetic makes one float32 input (model.input_shape); for model.inputs give a data.factory")
     try:
         if spec.source == "digits":
             train, evaluation = digits(batch_size=spec.batch_size, seed=spec.seed, **kwargs)
         else:
-            train, evaluation = synthetic(input_shape, batch_size=spec.batch_size, seed=spec.seed, **kwargs)
+            shape = [1] + [dim if isinstance(dim, int) else 8 for dim in io.specs[0].shape[1:]]
+            train, evaluation = synthetic(shape, batch_size=spec.batch_size, seed=spec.seed, **kwargs)
     except TypeError as error:
         raise RecipeError(f"data.kwargs: {error} (source '{spec.source}')") from None
-    return DataBundle(train=train, eval=evaluation, train_seed=train_shuffle_seed(spec.seed))
+    return DataBundle(train=train, eval=evaluation, io=io, train_seed=train_shuffle_seed(spec.seed))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pipeline.torchkit.data import digits
-from pipeline.torchkit.train import train_classifier
+from pipeline.torchkit.train import train_model
 from pipeline.zoo import digits_cnn
 
 
@@ -16,7 +16,7 @@ def train_demo_checkpoint(checkpoint_path: Path, epochs: int = 15, seed: int = 0
     torch.manual_seed(seed)
     train_loader, eval_loader = digits(batch_size=64, seed=seed)
     model = digits_cnn()
-    optimizer, loss = train_classifier(model, train_loader, epochs=epochs, lr=3e-3, description="train digits_cnn")
+    optimizer, loss = train_model(model, train_loader, epochs=epochs, lr=3e-3, description="train digits_cnn")
     correct = total = 0
     with torch.inference_mode():
         for inputs, labels in eval_loader:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.progress import track
+from pipeline.torchkit.model_io import Feeds, feed_rows, feeds_length
 from pipeline.torchkit.runners import Runner
 
 Rows = TypeVar("Rows", np.ndarray, torch.Tensor)
@@ -41,10 +42,10 @@ def logit_parity(reference: np.ndarray, logits: np.ndarray) -> tuple[float, floa
     return agreement(logits, reference), max_abs_diff
 
 
-def predict_all(runner: Runner, inputs: np.ndarray, batch_size: int = 256, description: str = "predict") -> np.ndarray:
-    """Logits for every input row, predicted in batches."""
-    starts = range(0, len(inputs), batch_size)
-    chunks = [runner.predict(np.ascontiguousarray(inputs[start : start + batch_size])) for start in track(starts, description)]
+def predict_all(runner: Runner, feeds: Feeds, batch_size: int = 256, description: str = "predict") -> np.ndarray:
+    """Predictions for every row of the feeds, predicted in batches."""
+    starts = range(0, feeds_length(feeds), batch_size)
+    chunks = [runner.predict(feed_rows(feeds, slice(start, start + batch_size))) for start in track(starts, description)]
     return np.concatenate(chunks)
 
 

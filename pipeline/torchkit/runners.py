@@ -10,39 +10,49 @@ import torch
 
 from pipeline.errors import StageError
 from pipeline.torchkit.handles import EngineModel, ModelHandle, OnnxModel, TorchModel
+from pipeline.torchkit.model_io import Feeds, ModelIO
 
 
 class Runner(Protocol):
-    """Predicts logits for a batch of float32 inputs, whatever runtime holds the model."""
+    """Predicts for a batch of feeds (input name -> array), whatever runtime holds the model."""
 
-    def predict(self, inputs: np.ndarray) -> np.ndarray: ...
+    def predict(self, feeds: Feeds) -> np.ndarray: ...
 
 
 class TorchRunner:
     """Runs a torch module in eval mode under ``inference_mode``, on CPU or a CUDA device.
 
-    Inputs are cast to ``dtype`` (default: the dtype of the module's first floating-point parameter) and
-    logits come back as float32 numpy arrays on the CPU.
+    Float inputs are cast to ``dtype`` (default: the dtype of the module's first floating-point parameter),
+    other inputs keep their declared dtype; the prediction (``model.output``) comes back as a float32
+    numpy array on the CPU.
     """
 
-    def __init__(self, module: torch.nn.Module, device: str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, module: torch.nn.Module, io: ModelIO, device: str = "cpu", dtype: torch.dtype | None = None):
         self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
         self.module = module.to(self.device).eval()
+        self.io = io
         first_float = next((p for p in module.parameters() if p.is_floating_point()), None)
         self.input_dtype = dtype or (first_float.dtype if first_float is not None else torch.float32)
 
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
+    def predict(self, feeds: Feeds) -> np.ndarray:
         with torch.inference_mode():
-            outputs = self.module(torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device, self.input_dtype))
-            return outputs.float().cpu().numpy()
+            tensors = self.io.tensors(feeds, self.device, self.input_dtype)
+            return self.io.predict(self.module, tensors).float().cpu().numpy()
+
+
+ORT_NUMPY_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
 
 
 class OnnxRunner:
-    """Runs an ONNX model in onnxruntime on the CPU execution provider.
+    """Runs an ONNX model in onnxruntime on the CPU execution provider; its first output is the prediction.
 
-    By default it uses as many threads as torch (``torch.get_num_threads()``), so eager and onnxruntime
-    figures in one benchmark are taken with the same thread count; onnxruntime's own default (physical
-    cores) differs from machine to machine.
+    Feeds go to the session's inputs by name, cast to each input's element type (a one-input file takes the
+    one feed whatever its name). By default it uses as many threads as torch (``torch.get_num_threads()``),
+    so eager and onnxruntime figures in one benchmark are taken with the same thread count; onnxruntime's own
+    default (physical cores) differs from machine to machine.
     """
 
     def __init__(self, path: Path, intra_op_threads: int | None = None):
@@ -52,20 +62,31 @@ class OnnxRunner:
         options.intra_op_num_threads = torch.get_num_threads() if intra_op_threads is None else intra_op_threads
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.inputs = {entry.name: ORT_NUMPY_TYPES.get(entry.type, np.float32) for entry in self.session.get_inputs()}
+        self.input_name = next(iter(self.inputs))
 
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: inputs.astype(np.float32, copy=False)})[0]
+    def session_feeds(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        """The feeds by the session's input names and types; StageError naming a missing input."""
+        if len(self.inputs) == 1 and len(feeds) == 1:
+            (name, dtype), array = next(iter(self.inputs.items())), next(iter(feeds.values()))
+            return {name: array.astype(dtype, copy=False)}
+        missing = [name for name in self.inputs if name not in feeds]
+        if missing:
+            raise StageError(f"the ONNX model takes inputs {', '.join(self.inputs)} but has no feed for {', '.join(missing)}")
+        return {name: feeds[name].astype(dtype, copy=False) for name, dtype in self.inputs.items()}
+
+    def predict(self, feeds: Feeds) -> np.ndarray:
+        return self.session.run(None, self.session_feeds(feeds))[0].astype(np.float32, copy=False)
 
 
-def runner_for(handle: ModelHandle) -> Any:
+def runner_for(handle: ModelHandle, io: ModelIO) -> Any:
     """The runner for a handle, on the device the model was made for (CUDA for engines and GPU casts)."""
     if isinstance(handle, EngineModel):
         from pipeline.torchkit.tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner(handle.path, handle.meta)
     if isinstance(handle, TorchModel):
-        return TorchRunner(handle.load(), device=handle.meta.get("device", "cpu"))
+        return TorchRunner(handle.load(), io, device=handle.meta.get("device", "cpu"))
     if isinstance(handle, OnnxModel):
         return OnnxRunner(handle.path)
     raise StageError(f"no runner for a '{handle.kind}' model ({handle.path.name})")

@@ -9,39 +9,51 @@ from torch import nn
 
 from pipeline.progress import note, track
 from pipeline.run.cancel import raise_if_cancelled
-from pipeline.torchkit.data import split_batch
+from pipeline.torchkit.model_io import ModelIO
+from pipeline.torchkit.tasks import Classification, Task
+
+# loss(model, inputs by name, targets) -> the batch's loss
+LossOfBatch = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def cross_entropy_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The default training loss: cross-entropy of the model's logits against the labels."""
-    return nn.functional.cross_entropy(model(inputs), labels)
+def task_loss(io: ModelIO, task: Task) -> LossOfBatch:
+    """The default training loss: the task's loss (cross-entropy for classes) of the model's prediction."""
+
+    def loss(model: nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        return task.loss(io.predict(model, inputs), targets)
+
+    return loss
 
 
-def train_classifier(
+def train_model(
     model: nn.Module,
     train_loader: Iterable,
     epochs: int,
     lr: float = 1e-3,
     optimizer: torch.optim.Optimizer | None = None,
     description: str = "train",
-    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss: LossOfBatch | None = None,
+    io: ModelIO | None = None,
+    task: Task | None = None,
 ) -> tuple[torch.optim.Optimizer, float]:
     """Train ``model`` (Adam unless an optimizer is given); returns the optimizer and last epoch's mean loss.
 
-    ``loss(model, inputs, labels)`` computes one batch's loss (default: cross-entropy of ``model(inputs)``).
-    A cancelled run (Ctrl-C) stops it before the next batch with ``Cancelled``.
+    Batches are read through ``io`` (default: one input). ``loss(model, inputs, targets)`` computes one
+    batch's loss (default: ``task``'s loss of the prediction, cross-entropy when no task is given). A
+    cancelled run (Ctrl-C) stops it before the next batch with ``Cancelled``.
     """
+    io = io or ModelIO.single()
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
-    loss_of_batch = loss or cross_entropy_loss
+    loss_of_batch = loss or task_loss(io, task or Classification())
     model.train()
     mean_loss = float("nan")
     for epoch in track(range(epochs), description):
         total, batches = 0.0, 0
         for batch in train_loader:
             raise_if_cancelled()
-            inputs, labels = split_batch(batch, "train")
+            inputs, targets = io.split_batch(batch, "train")
             optimizer.zero_grad(set_to_none=True)
-            batch_loss = loss_of_batch(model, inputs, labels)
+            batch_loss = loss_of_batch(model, inputs, targets)
             batch_loss.backward()
             optimizer.step()
             total += batch_loss.item()
