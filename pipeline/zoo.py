@@ -130,3 +130,48 @@ class MLP(nn.Module):
 def mlp(in_features: int = 64, hidden: tuple[int, ...] = (128, 64), num_classes: int = 10) -> MLP:
     """An MLP classifier (digits flattened to 64 features by default)."""
     return MLP(in_features, tuple(hidden), num_classes)
+
+
+class LSTMClassifier(nn.Module):
+    """Token ids -> embedding -> LSTM -> the last real token's hidden state -> classes (padding id 0 is skipped)."""
+
+    def __init__(self, vocab_size: int = 64, embedding: int = 32, hidden: int = 64, num_classes: int = 3):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding, padding_idx=0)
+        self.lstm = nn.LSTM(embedding, hidden, batch_first=True)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        states, _ = self.lstm(self.embedding(tokens))
+        last = (tokens != 0).sum(dim=1).clamp(min=1) - 1
+        return self.classifier(states[torch.arange(tokens.shape[0]), last])
+
+
+def lstm_classifier(vocab_size: int = 64, embedding: int = 32, hidden: int = 64, num_classes: int = 3) -> LSTMClassifier:
+    """An LSTM text classifier over int64 token ids [batch, seq] (the dynamic-quantization tutorial's shape)."""
+    return LSTMClassifier(vocab_size, embedding, hidden, num_classes)
+
+
+def regression_mlp(in_features: int = 10, hidden: int = 5) -> nn.Sequential:
+    """The tutorial regression net: Linear(10, 5) -> ReLU -> Linear(5, 1), one value per example."""
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+
+class ImageMetaNet(nn.Module):
+    """Two inputs, two outputs: ``forward(image, meta) -> (logits, features)``; the CNN's features joined with metadata."""
+
+    def __init__(self, meta_features: int = 4, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn_relu(1, width), nn.MaxPool2d(2), conv_bn_relu(width, width * 2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.meta = nn.Sequential(nn.Linear(meta_features, width), nn.ReLU())
+        self.classifier = nn.Linear(width * 3, num_classes)
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        joined = torch.cat([torch.flatten(self.pool(self.features(image)), 1), self.meta(meta)], dim=1)
+        return self.classifier(joined), joined
+
+
+def image_meta_net(meta_features: int = 4, num_classes: int = 10, width: int = 16) -> ImageMetaNet:
+    """A digits CNN that also takes a metadata vector and returns (logits, features)."""
+    return ImageMetaNet(meta_features, num_classes, width)

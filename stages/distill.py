@@ -9,17 +9,24 @@ Where teacher and student come from depends on ``student``:
 - ``student: {factory: module:function, kwargs: {...}}``: a fresh student is built by the factory and the
   upstream input model is the teacher (``needs: [fused]`` distils the fused model into the new student).
 
-Loss per batch: ``alpha * T^2 * KL(softmax(s/T) || softmax(t/T)) + (1 - alpha) * CE(s, labels)`` with the
-teacher's logits computed under ``inference_mode`` in eval mode; ``alpha: 0`` is plain cross-entropy
-training. The student is trained with Adam by ``pipeline.torchkit.train.train_model``. Weights a pruning stage
-set to exactly zero (in Conv/Linear layers) are kept at zero while training, so distillation does not undo
-pruning. Both models' top-1 on the eval data are recorded, with the retention ratio student / teacher.
+Loss per batch: ``alpha * soft + (1 - alpha) * hard + feature_weight * MSE(features)``, by the recipe's task
+(``pipeline.torchkit.tasks``): soft is ``T^2 * KL(softmax(s/T) || softmax(t/T))`` on logits for
+classification (per token for token-classification, sigmoid targets for multilabel) and MSE on the outputs
+for regression and custom tasks; hard is the task's loss against the targets (cross-entropy, MSE, ...).
+The teacher runs under ``inference_mode`` in eval mode; ``alpha: 0`` is plain training. ``features``
+names an output of each model (e.g. ``1`` of a ``(logits, features)`` tuple, or ``hidden_states.-1``)
+whose MSE is added with ``feature_weight``. The student is trained with Adam by
+``pipeline.torchkit.train.train_model``. Weights a pruning stage set to exactly zero (in Conv/Linear layers)
+are kept at zero while training, so distillation does not undo pruning. Both models' figures on the eval
+data are recorded; a student that ends worse than it started, or that predicts one class for everything,
+fails the stage with its figures and what to try.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,12 +38,12 @@ from torch.nn.utils import prune
 from pipeline.errors import StageError, one_line
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.complexity import WEIGHTED_LAYERS, count_params
-from pipeline.torchkit.evaluate import agreement, predict_all, top1
+from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ModelHandle, TorchModel, build_module, save_like, save_torch_weights
+from pipeline.torchkit.model_io import Feeds, ModelIO, feed_shapes, select_path
 from pipeline.torchkit.runners import TorchRunner
-from pipeline.torchkit.train import train_model
-
-LossOfBatch = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+from pipeline.torchkit.tasks import Custom, Task
+from pipeline.torchkit.train import LossOfBatch, train_model
 
 
 class StudentSpec(StageParams):
@@ -48,6 +55,13 @@ class StudentSpec(StageParams):
         "it must take the recipe's inputs and give as many classes as the teacher",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the factory, e.g. {width: 8}")
+
+
+class FeatureSpec(StageParams):
+    """One output of each model whose mean squared difference is added to the loss (same shape in both)."""
+
+    student: str | int = Field(description="the student's output path: an index (1), a name, or a dotted path (hidden_states.-1)")
+    teacher: str | int = Field(description="the teacher's output path, e.g. the layer the student's last one should match")
 
 
 class Params(StageParams):
@@ -67,6 +81,8 @@ class Params(StageParams):
     seed: int | None = Field(
         default=0, description="seeds torch before the student is built and trained, for reproducible runs; null leaves it unseeded"
     )
+    features: FeatureSpec | None = Field(default=None, description="an intermediate output of each model to match as well")
+    feature_weight: float = Field(default=0.0, ge=0, description="weight of the feature MSE term (needs features)")
 
 
 def uses_baseline(params: Params) -> bool:
@@ -91,13 +107,13 @@ def teacher_and_student(
     return ctx.baseline.load(), upstream.load(), sources
 
 
-def check_outputs_match(teacher: nn.Module, student: nn.Module, batch: np.ndarray) -> None:
-    """StageError unless the student runs on the data and gives logits shaped like the teacher's."""
-    teacher_shape = TorchRunner(teacher).predict(batch).shape
+def check_outputs_match(io: ModelIO, teacher: nn.Module, student: nn.Module, batch: Feeds) -> None:
+    """StageError unless the student runs on the data and predicts in the teacher's shape."""
+    teacher_shape = TorchRunner(teacher, io).predict(batch).shape
     try:
-        student_shape = TorchRunner(student).predict(batch).shape
+        student_shape = TorchRunner(student, io).predict(batch).shape
     except Exception as error:  # a student built for other inputs fails deep in torch: say so in one line
-        raise StageError(f"distill: the student fails on the data's inputs {list(batch.shape)} ({one_line(error)}); fix student.kwargs") from error
+        raise StageError(f"distill: the student fails on the data's inputs {feed_shapes(batch)} ({one_line(error)}); fix student.kwargs") from error
     if student_shape != teacher_shape:
         raise StageError(
             f"distill: the student's outputs have shape {list(student_shape)} but the teacher's {list(teacher_shape)}; "
@@ -105,23 +121,46 @@ def check_outputs_match(teacher: nn.Module, student: nn.Module, batch: np.ndarra
         )
 
 
-def distillation_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossOfBatch:
-    """``alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE``, on softmax at temperature T, per batch."""
+def check_params(task: Task, params: Params) -> None:
+    """Refuse combinations that cannot train: a hard loss for a custom task, a feature weight without features."""
+    if isinstance(task, Custom) and params.alpha < 1:
+        raise StageError("distill: task custom has no loss against targets; set alpha: 1 to learn from the teacher's outputs only")
+    if (params.features is None) != (params.feature_weight == 0):
+        raise StageError("distill: give features and a feature_weight above 0 together (or neither)")
 
-    def loss(student: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        student_logits = student(inputs)
-        hard = F.cross_entropy(student_logits, labels)
-        if alpha == 0:
-            return hard  # plain training: no teacher forward needed
+
+def feature(outputs: Any, path: str | int, who: str) -> torch.Tensor:
+    """The tensor at ``path`` in a model's outputs, or a StageError naming the path and what is there."""
+    try:
+        selected, _ = select_path(outputs, path)
+    except StageError as error:
+        raise StageError(f"distill: features.{who}: {error}") from None
+    if not isinstance(selected, torch.Tensor):
+        raise StageError(f"distill: features.{who} {path!r} is a {type(selected).__name__}, not a tensor")
+    return selected
+
+
+def distillation_loss(io: ModelIO, task: Task, teacher: nn.Module, params: Params) -> LossOfBatch:
+    """``alpha * soft + (1 - alpha) * hard + feature_weight * MSE(features)`` per batch (module docstring)."""
+
+    def loss(student: nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        student_outputs = io.call(student, inputs)
+        student_prediction = io.prediction(student_outputs)
+        total = (1 - params.alpha) * task.loss(student_prediction, targets) if params.alpha < 1 else 0.0
+        if params.alpha == 0 and params.features is None:
+            return total  # plain training: no teacher forward needed
         with torch.inference_mode():
-            teacher_logits = teacher(inputs)
-        soft = F.kl_div(
-            F.log_softmax(student_logits / temperature, dim=1),
-            F.log_softmax(teacher_logits.clone() / temperature, dim=1),  # clone: autograd cannot save inference tensors
-            reduction="batchmean",
-            log_target=True,
-        )
-        return alpha * temperature**2 * soft + (1 - alpha) * hard
+            teacher_outputs = io.call(teacher, inputs)
+        if params.alpha > 0:  # clone: autograd cannot save inference tensors
+            total = total + params.alpha * task.soft_loss(student_prediction, io.prediction(teacher_outputs).clone(), params.temperature)
+        if params.features is not None:
+            mine = feature(student_outputs, params.features.student, "student")
+            theirs = feature(teacher_outputs, params.features.teacher, "teacher").clone()
+            if mine.shape != theirs.shape:
+                raise StageError(f"distill: features differ in shape: student {list(mine.shape)}, teacher {list(theirs.shape)}; "
+                                 "pick outputs of one shape (e.g. hidden states of the same width)")
+            total = total + params.feature_weight * F.mse_loss(mine, theirs)
+        return total
 
     return loss
 
@@ -144,43 +183,98 @@ def saved_student(student: nn.Module, ctx: StageContext, params: Params, upstrea
     return save_like(student, ctx.workdir, upstream)
 
 
+def check_trained(ctx: StageContext, before: Progress, after: Progress, predictions: np.ndarray, targets: np.ndarray, params: Params) -> None:
+    """StageError when training made the student worse than it started or collapsed it to one answer.
+
+    Worse is judged on the recipe's metric, or with ``alpha: 1`` (the teacher alone teaches) on the outputs'
+    relative error from the teacher's.
+    """
+    if params.alpha < 1:
+        name, was, now = ctx.scoring.metric_name or "metric", before.value, after.value
+        worse = (was - now if ctx.scoring.higher_is_better else now - was) > 1e-9
+    else:
+        name, was, now = "relative error from the teacher", before.relative_error, after.relative_error
+        worse = now - was > 1e-9
+    why = ctx.scoring.task.collapse(predictions, targets) or (f"it ended worse than it started ({name} {was:.4g} -> {now:.4g})" if worse else None)
+    if why:
+        raise StageError(
+            f"distill: the student did not learn: {why}, after {params.epochs} epochs at lr {params.lr:g}; "
+            "try a lower lr (e.g. a tenth), more epochs, or a larger alpha to follow the teacher more"
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the student stands: the recipe's metric on the targets and its outputs' relative error from the teacher's."""
+
+    value: float
+    relative_error: float
+
+
+def progress(ctx: StageContext, student: nn.Module, teacher_predictions: np.ndarray, targets: np.ndarray) -> tuple[Progress, np.ndarray, dict[str, Any]]:
+    """The student's progress, its eval predictions and its comparison with the teacher."""
+    predictions = predict_all(TorchRunner(student, ctx.io), ctx.data.eval_set.inputs, description="distill: student eval")
+    compared = ctx.scoring.compare(teacher_predictions, predictions, targets)
+    return Progress(compared["value"], compared["relative_error"]), predictions, compared
+
+
 def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Distil the teacher into the student on the train data, compare both on eval data, save the student."""
+    task = ctx.scoring.task
+    check_params(task, params)
     if params.seed is not None:
         torch.manual_seed(params.seed)
     teacher, student, sources = teacher_and_student(ctx, *only_input(inputs), params)
-    eval_inputs, eval_labels = ctx.data.eval_arrays
-    check_outputs_match(teacher, student, eval_inputs[:8])
-    teacher_logits = predict_all(TorchRunner(teacher), eval_inputs, description="distill: teacher eval")
-    student_top1_before = top1(predict_all(TorchRunner(student), eval_inputs, description="distill: student eval"), eval_labels)
+    evaluation = ctx.data.eval_set
+    check_outputs_match(ctx.io, teacher, student, evaluation.example())
+    teacher_predictions = predict_all(TorchRunner(teacher, ctx.io), evaluation.inputs, description="distill: teacher eval")
+    targets = task.prepare_targets(evaluation.targets, teacher_predictions)
+    before, _, _ = progress(ctx, student, teacher_predictions, targets)
     masked = keep_pruned_zeros(student)
     _, final_loss = train_model(
-        student,
-        ctx.data.train,
-        epochs=params.epochs,
-        lr=params.lr,
-        description=f"distill {ctx.name}",
-        loss=distillation_loss(teacher.eval(), params.temperature, params.alpha),
+        student, ctx.data.train, epochs=params.epochs, lr=params.lr, description=f"distill {ctx.name}", io=ctx.io,
+        loss=distillation_loss(ctx.io, task, teacher.eval(), params),
     )
     for module in masked:
         prune.remove(module, "weight")  # bake the kept zeros in: a plain weight again
-    student_logits = predict_all(TorchRunner(student), eval_inputs, description="distill: student eval")
-    teacher_top1, student_top1 = top1(teacher_logits, eval_labels), top1(student_logits, eval_labels)
+    after, student_predictions, compared = progress(ctx, student, teacher_predictions, targets)
+    teacher_value, student_value = compared["value"] - compared["delta"], compared["value"]
     metrics = {
         "teacher": sources["teacher"],
         "student": sources["student"],
-        "teacher_top1": teacher_top1,
-        "student_top1_before": student_top1_before,
-        "student_top1": student_top1,
-        "retention": student_top1 / teacher_top1 if teacher_top1 > 0 else None,
-        "agreement_with_teacher": agreement(student_logits, teacher_logits),
+        "metric": compared["metric"],
+        "teacher_value": teacher_value,
+        "student_value_before": before.value,
+        "student_value": student_value,
+        "figures": compared["figures"],
+        "agreement_with_teacher": compared["agreement"],
+        "relative_error_vs_teacher": compared["relative_error"],
         "teacher_parameters": count_params(teacher),
         "student_parameters": count_params(student),
         "pruned_layers_kept": len(masked),
         "final_loss": final_loss,
         "epochs": params.epochs,
     }
+    if "top1" in compared:
+        metrics |= {"teacher_top1": teacher_value, "student_top1_before": before.value, "student_top1": student_value,
+                    "retention": student_value / teacher_value if teacher_value > 0 else None}
+    check_trained(ctx, before, after, student_predictions, targets, params)
     return StageOutput(product=saved_student(student, ctx, params, only_input(inputs)[1]), metrics=metrics)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
+)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
+)
+
+
+STAGE = declare_stage(
+    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
+)
 
 
 STAGE = declare_stage(

@@ -94,3 +94,18 @@ STAGE = declare_stage(
 STAGE = declare_stage(
     takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
 )
+
+
+STAGE = declare_stage(
+    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
+)
+
+
+STAGE = declare_stage(
+    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
+)
+
+
+STAGE = declare_stage(
+    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
+)

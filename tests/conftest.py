@@ -67,12 +67,19 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def digits_data():
+    """scikit-learn digits as the default recipe builds them, built anew (fresh shuffling)."""
+    from pipeline.torchkit.data import build_data
+    from pipeline.torchkit.model_io import ModelIO
+
+    recipe = one_stage_recipe()
+    return build_data(recipe.data, ModelIO.of(recipe.model))
+
+
 @pytest.fixture(scope="session")
 def data():
     """scikit-learn digits as the default recipe builds them, shared by every stage test."""
-    from pipeline.torchkit.data import build_data
-
-    return build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)
+    return digits_data()
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ from torch import fx, nn
 from torch.nn.utils import prune
 
 from pipeline.errors import RecipeError, StageError
-from pipeline.torchkit.data import build_data
 from pipeline.torchkit.handles import TorchModel
+from pipeline.torchkit.model_io import ModelIO
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_model
 from pipeline.zoo import mlp
 from stages import distill, fuse_conv_bn
-from tests.conftest import DIGITS_INPUT_SHAPE, as_input, one_stage_recipe
+from tests.conftest import as_input, digits_data
 
 SMALL_STUDENT = {"factory": "pipeline.zoo:mlp", "kwargs": {"hidden": [16]}}
 STUDENT_EPOCHS = 3
@@ -27,17 +27,12 @@ STUDENT_EPOCHS = 3
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def fresh_data():
-    """The digits bundle built anew, so every stage run sees the same shuffled batches in the same order."""
-    return build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)
-
-
 @pytest.fixture(scope="module")
 def teacher_model(one_torch_thread) -> nn.Module:
     """An MLP trained on digits for four seeded epochs (0.983 top-1)."""
     torch.manual_seed(0)
     teacher = mlp()
-    train_model(teacher, fresh_data().train, epochs=4, lr=3e-3)
+    train_model(teacher, digits_data().train, epochs=4, lr=3e-3)
     return teacher.eval()
 
 
@@ -49,12 +44,12 @@ def teacher(teacher_model, tmp_path) -> TorchModel:
 
 def distil(context, name: str, upstream: TorchModel, baseline: TorchModel | None = None, **params):
     """Run the distill stage on fresh data; returns (StageOutput, ctx)."""
-    ctx = context(name, load_data=fresh_data, baseline=baseline, baseline_name="load")
+    ctx = context(name, load_data=digits_data, baseline=baseline, baseline_name="load")
     return distill.run(ctx, {"upstream": upstream}, distill.Params(**params)), ctx
 
 
-def top1_of(model: nn.Module, inputs: np.ndarray, labels: np.ndarray) -> float:
-    return float((TorchRunner(model).predict(inputs).argmax(1) == labels).mean())
+def top1_of(model: nn.Module, inputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
+    return float((TorchRunner(model, ModelIO.single()).predict(inputs).argmax(1) == labels).mean())
 
 
 def test_distilled_student_is_at_least_as_good_as_the_same_student_trained_on_labels(context, teacher, teacher_model, data):
@@ -67,7 +62,7 @@ def test_distilled_student_is_at_least_as_good_as_the_same_student_trained_on_la
     assert after["student_top1"] >= before["student_top1"] - 0.01, (after["student_top1"], before["student_top1"])
     assert after["agreement_with_teacher"] >= before["agreement_with_teacher"] - 0.01
 
-    inputs, labels = data.eval_arrays
+    inputs, labels = data.eval_set.inputs, data.eval_set.targets
     student = distilled.product.load()
     # a factory-built student is saved as weights the factory rebuilds: torch loads them with weights_only=True
     assert sorted(p.name for p in ctx.workdir.iterdir()) == ["weights.pt"] and distilled.product.path.parent == ctx.workdir
@@ -104,7 +99,7 @@ def pruned_fused_student(context, tmp_path: Path) -> TorchModel:
     """A weak MLP, BatchNorm fused by the fuse_conv_bn stage (an fx GraphModule), half its weights pruned for good."""
     torch.manual_seed(1)
     student = mlp(hidden=(32,))
-    train_model(student, fresh_data().train, epochs=1, lr=1e-3)
+    train_model(student, digits_data().train, epochs=1, lr=1e-3)
     fused = fuse_conv_bn.run(context("fused"), {"input": as_input(student, tmp_path)}, fuse_conv_bn.Params()).product.load()
     for layer in fused.modules():
         if isinstance(layer, nn.Linear):

@@ -116,10 +116,9 @@ def test_recipe_loader_only_raises_recipe_errors(tmp_path, document, raw_text):
 
 
 def test_each_stage_sees_the_same_train_order_whatever_ran_before():
-    from pipeline.torchkit.data import build_data
-    from tests.conftest import DIGITS_INPUT_SHAPE, one_stage_recipe
+    from tests.conftest import digits_data
 
-    shared = build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)
+    shared = digits_data()
 
     def first_labels(bundle) -> list[int]:
         return next(iter(bundle.train))[1].tolist()

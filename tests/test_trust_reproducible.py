@@ -242,9 +242,9 @@ def test_a_data_factory_drawing_from_the_global_generator_gets_the_same_data_wha
                       "data: {factory: 'drawing_data:loaders'}\nstages:\n  load: {uses: load_checkpoint}\n")
     plan = load_recipe(recipe)
     torch.manual_seed(1)
-    first = data_of(plan, "run-1").eval_arrays[0]
+    first = data_of(plan, "run-1").eval_set.inputs["input"]
     torch.manual_seed(2)
     before = torch.random.get_rng_state()
     bundle = data_of(plan, "run-2")
     assert torch.equal(torch.random.get_rng_state(), before), "building the data must not move the caller's generator"
-    assert (first == bundle.eval_arrays[0]).all()
+    assert (first == bundle.eval_set.inputs["input"]).all()

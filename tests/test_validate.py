@@ -8,29 +8,29 @@ import numpy as np
 import torch
 
 from pipeline.run.contract import StageContext
-from pipeline.torchkit.data import build_data
-from pipeline.torchkit.evaluate import compare_logits
 from pipeline.torchkit.handles import save_torch_module
+from pipeline.torchkit.tasks import Scoring
 from pipeline.torchkit.train import train_model
 from pipeline.zoo import digits_cnn
 from stages import validate
-from tests.conftest import one_stage_recipe
+from tests.conftest import digits_data, one_stage_recipe
 
 RECIPE = one_stage_recipe()
 
 
-def test_compare_logits_counts_agreement_and_class_deltas():
+def test_classification_comparison_counts_agreement_and_class_deltas():
     labels = np.array([0, 1, 1, 0])
     baseline = np.array([[2.0, 0], [0, 2], [0, 2], [2, 0]])
     variant = np.array([[2.0, 0], [2, 0], [0, 2], [2, 0]])
-    metrics = compare_logits(baseline, variant, labels)
+    metrics = Scoring.for_task("classification").compare(baseline, variant, labels)
     assert metrics["top1"] == 0.75 and metrics["delta_top1"] == -0.25 and metrics["agreement"] == 0.75
     assert metrics["per_class_delta"] == [0.0, -0.5] and metrics["max_abs_logit_diff"] == 2.0
+    assert metrics["metric"] == "top1" and metrics["value"] == 0.75 and metrics["delta"] == -0.25
 
 
 def test_variant_over_the_allowed_drop_is_rejected(tmp_path):
     torch.manual_seed(0)
-    data = build_data(RECIPE.data, [1, 1, 8, 8])
+    data = digits_data()
     trained = digits_cnn()
     train_model(trained, data.train, epochs=3, lr=3e-3)
     damaged = digits_cnn()
@@ -52,5 +52,5 @@ def test_variant_over_the_allowed_drop_is_rejected(tmp_path):
     assert variants["same"]["status"] == "accepted" and variants["same"]["agreement"] == 1.0
     assert variants["damaged"]["status"] == "rejected"
     assert set(output.metrics["rejected"]) == {"damaged"}
-    assert "points vs FP32" in output.metrics["rejected"]["damaged"]
+    assert "top1 dropped" in output.metrics["rejected"]["damaged"] and "points vs FP32" in output.metrics["rejected"]["damaged"]
     assert json.loads(output.product.path.read_text())["variants"]["damaged"]["status"] == "rejected"

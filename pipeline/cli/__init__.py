@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = add("demo", demo_commands.command_demo, "train the digits baseline and run recipes/demo.yaml on it")
     demo.add_argument("--out", default="demo-out", help="folder for the demo checkpoint")
     demo.add_argument("--epochs", type=int, default=15)
+    example = add("example", demo_commands.command_example, "train an example model of another shape (BERT, LSTM, regression, "
+                  "two inputs, a DataParallel training dict) and save its checkpoint", store=False)
+    example.add_argument("name", choices=list(demo_commands.EXAMPLE_RECIPES))
+    example.add_argument("--out", default="examples-out", help="folder for the checkpoint")
     return parser
 
 

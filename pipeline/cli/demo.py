@@ -86,3 +86,19 @@ def command_demo(args: argparse.Namespace) -> int:
     for path in write_report(record, str(Path(args.out) / "report.html"), None):
         console.print(f"report: {Path(path).resolve()}")
     return exit_code
+
+
+EXAMPLE_RECIPES = {"bert": "bert.yaml", "lstm": "lstm-int8.yaml", "regression": "regression.yaml", "image-meta": "image-meta.yaml",
+                   "dataparallel": "cpu-int8.yaml"}
+
+
+def command_example(args: argparse.Namespace) -> int:
+    """optipipe example NAME: train one of the example models of other shapes and save its checkpoint."""
+    from pipeline.examples import write_example
+
+    console.print(f"training the {args.name} example (offline data, seeded) ...")
+    checkpoint = write_example(args.name, Path(args.out))
+    recipe = DEMO_RECIPE.parent / EXAMPLE_RECIPES[args.name]
+    console.print(f"saved {checkpoint}")
+    console.print(f"optimize it: optipipe run {recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe} --checkpoint {checkpoint}")
+    return 0

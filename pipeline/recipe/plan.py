@@ -195,6 +195,8 @@ def _check_factories(path: Path, lines: LineMap, recipe: Recipe, params: dict[st
     references = [(("model", "factory"), recipe.model.factory)]
     if recipe.data.factory is not None:
         references.append((("data", "factory"), recipe.data.factory))
+    if recipe.metric is not None and recipe.metric.function is not None:
+        references.append((("metric", "function"), recipe.metric.function))
     for name, stage_params in params.items():
         references += factory_references(stage_params.model_dump(mode="json", by_alias=True), ("stages", name, "with"))
     for loc, reference in references:

@@ -66,11 +66,14 @@ class RunIdentity:
     @classmethod
     def of(cls, plan: Plan, checkpoint_sha256: str) -> "RunIdentity":
         """The identity of running ``plan`` on the checkpoint with ``checkpoint_sha256``."""
-        model = plan.recipe.model
+        recipe = plan.recipe
+        model = {**recipe.model.model_dump(mode="json"), "code_sha256": reference_code_digest(recipe.model.factory),
+                 "task": recipe.task, "metric": recipe.metric.model_dump(mode="json") if recipe.metric else None}
+        if recipe.metric is not None and recipe.metric.function is not None:  # the user's metric code scores every stage
+            model["metric_code_sha256"] = reference_code_digest(recipe.metric.function)
         return cls(
             checkpoint_sha256=checkpoint_sha256,
-            model={"factory": model.factory, "kwargs": model.kwargs, "input_shape": model.input_shape,
-                   "code_sha256": reference_code_digest(model.factory)},
+            model=model,
             data=data_identity(plan.recipe.data),
             versions=library_versions(),
         )

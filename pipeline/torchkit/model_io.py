@@ -44,6 +44,13 @@ def cycled_rows(feeds: Feeds, size: int) -> Feeds:
     return feed_rows(feeds, np.arange(size) % feeds_length(feeds))
 
 
+def feed_shapes(feeds: Feeds) -> str:
+    """The feeds' shapes for messages: ``[8, 1, 8, 8]`` for one input, ``input_ids [8, 16], attention_mask [8, 16]`` for more."""
+    if len(feeds) == 1:
+        return str(list(next(iter(feeds.values())).shape))
+    return ", ".join(f"{name} {list(array.shape)}" for name, array in feeds.items())
+
+
 def described(value: Any) -> str:
     """A short description of a batch element for error messages: ``Tensor[64, 16] int64``, ``dict``, ..."""
     if isinstance(value, torch.Tensor):
