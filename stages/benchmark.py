@@ -3,7 +3,9 @@
 For each input variant and the baseline: after warm-up, median and p95 latency at each batch size,
 throughput, file size, and the process's peak resident memory while the model loaded and ran its
 largest batch. Every figure is also given as a ratio to the baseline measured here, so runs on
-different machines stay comparable.
+different machines stay comparable. Each timed batch is cut from the eval split's feeds (every declared
+input, in its declared dtype: real token ids and masks, not made-up values), repeating rows when the
+split is smaller than the batch; the shapes timed are recorded per batch size (``input_shapes``).
 
 Timing is interleaved: each batch size is timed in ``rounds`` passes, and every pass times the baseline
 and then each variant. On a shared machine whose speed drifts by 10-20% over a minute, drift then lands
@@ -27,8 +29,8 @@ from pipeline.progress import track
 from pipeline.records.reports import BatchTiming, BenchmarkEntry, BenchmarkReport
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage
 from pipeline.run.measure import PeakRSS, cpu_model, load_average
-from pipeline.torchkit.evaluate import rows_of
 from pipeline.torchkit.handles import ModelHandle, ReportFile
+from pipeline.torchkit.model_io import Feeds, ModelIO, cycled_rows
 from pipeline.torchkit.runners import Runner, runner_for
 
 REPORT_FILE = "benchmark.json"
@@ -58,7 +60,7 @@ class Params(StageParams):
         return sizes
 
 
-def timed_calls(runner: Runner, batch: np.ndarray, calls: int, seconds: float) -> list[float]:
+def timed_calls(runner: Runner, batch: Feeds, calls: int, seconds: float) -> list[float]:
     """Seconds per call of ``calls`` or more timed calls, until ``seconds`` have passed too."""
     timings: list[float] = []
     while len(timings) < calls or sum(timings) < seconds:
@@ -80,7 +82,7 @@ def summarize(timings: list[float], batch_size: int) -> BatchTiming:
     )
 
 
-def load_runner(handle: ModelHandle, largest_batch: np.ndarray) -> tuple[Runner, int]:
+def load_runner(handle: ModelHandle, model_io: ModelIO, largest_batch: Feeds) -> tuple[Runner, int]:
     """The model's runner and the process's peak memory while loading it and predicting the largest batch.
 
     The peak is process-wide: it also counts the data, earlier stages' leftovers and the models loaded
@@ -88,18 +90,18 @@ def load_runner(handle: ModelHandle, largest_batch: np.ndarray) -> tuple[Runner,
     ResNet-18 showed 0 MiB, reusing memory freed earlier); a per-model figure needs a process per model.
     """
     with PeakRSS() as memory:
-        runner = runner_for(handle)
+        runner = runner_for(handle, model_io)
         runner.predict(largest_batch)
     return runner, memory.peak_bytes
 
 
-def time_interleaved(runners: dict[str, Runner], eval_inputs: np.ndarray, params: Params) -> dict[str, dict[str, BatchTiming]]:
+def time_interleaved(runners: dict[str, Runner], eval_inputs: Feeds, params: Params) -> dict[str, dict[str, BatchTiming]]:
     """Per model and batch size, timings pooled over ``rounds`` passes that each time every model in turn."""
     calls_per_round = -(-params.iterations // params.rounds)
     seconds_per_round = params.min_seconds / params.rounds
     figures: dict[str, dict[str, BatchTiming]] = {name: {} for name in runners}
     for size in params.batch_sizes:
-        batch = np.ascontiguousarray(rows_of(eval_inputs, size))
+        batch = cycled_rows(eval_inputs, size)
         timings: dict[str, list[float]] = {name: [] for name in runners}
         for runner in runners.values():
             for _ in range(params.warmup):
@@ -111,6 +113,11 @@ def time_interleaved(runners: dict[str, Runner], eval_inputs: np.ndarray, params
         for name, pooled in timings.items():
             figures[name][str(size)] = summarize(pooled, size)
     return figures
+
+
+def input_shapes(eval_inputs: Feeds, size: int) -> dict[str, list[int]]:
+    """Each input's shape in a timed batch of ``size`` rows."""
+    return {name: [size, *array.shape[1:]] for name, array in eval_inputs.items()}
 
 
 def benchmark_entry(handle: ModelHandle, peak_rss_bytes: int, batches: dict[str, BatchTiming], baseline: ModelHandle,
@@ -129,12 +136,12 @@ def benchmark_entry(handle: ModelHandle, peak_rss_bytes: int, batches: dict[str,
 
 def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Time the baseline and every input variant, interleaved, on the same eval rows and thread count."""
-    eval_inputs = ctx.data.eval_arrays[0]
+    eval_inputs = ctx.data.eval_set.inputs
     handles = {BASELINE_KEY: ctx.baseline, **inputs}
-    largest = np.ascontiguousarray(rows_of(eval_inputs, max(params.batch_sizes)))
+    largest = cycled_rows(eval_inputs, max(params.batch_sizes))
     runners, peaks = {}, {}
     for name, handle in track(handles.items(), "benchmark: load"):
-        runners[name], peaks[name] = load_runner(handle, largest)
+        runners[name], peaks[name] = load_runner(handle, ctx.io, largest)
     batches = time_interleaved(runners, eval_inputs, params)
     entries = {
         name: benchmark_entry(handle, peaks[name], batches[name], ctx.baseline, batches[BASELINE_KEY]) for name, handle in handles.items()
@@ -149,6 +156,7 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         min_iterations=params.iterations,
         min_seconds=params.min_seconds,
         rounds=params.rounds,
+        input_shapes={str(size): input_shapes(eval_inputs, size) for size in params.batch_sizes},
         baseline=baseline,
         variants=entries,
     )
@@ -156,11 +164,6 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     path = ctx.workdir / REPORT_FILE
     path.write_text(json.dumps(metrics, indent=2))
     return StageOutput(product=ReportFile(path=path), metrics=metrics)
-
-
-STAGE = declare_stage(
-    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=3, params=Params, run=run, runs_alone=True, capabilities={"eval_data"},
-)
 
 
 STAGE = declare_stage(

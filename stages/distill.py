@@ -265,23 +265,3 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 STAGE = declare_stage(
     takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
 )
-
-
-STAGE = declare_stage(
-    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
-)
-
-
-STAGE = declare_stage(
-    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
-)
-
-
-STAGE = declare_stage(
-    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
-)
-
-
-STAGE = declare_stage(
-    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, uses_baseline=uses_baseline, capabilities={"train_data", "eval_data"},
-)

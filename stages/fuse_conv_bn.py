@@ -3,8 +3,10 @@
 The model is traced with ``torch.fx``; every BatchNorm whose only input is a Conv/Linear layer used by
 nothing else is folded into that layer's weight and bias and removed from the graph. A model that fx
 cannot trace (Python branches on tensor values, for instance) falls back to fusing neighbours inside
-``nn.Sequential`` containers of the eager module. Either way the fused model must reproduce the
-unfused one's outputs on real eval inputs, and it is saved as a whole pickled module (a traced model
+``nn.Sequential`` containers of the eager module (a keyword-called Hugging Face model, or an LSTM, has
+no pairs there: with ``require_fusion: false`` it passes through unchanged). Either way the fused model must reproduce the
+unfused one's predictions on real eval inputs (every named input, the prediction picked out of a tuple, dict or
+``ModelOutput`` as ``model.output`` says), and it is saved as a whole pickled module (a traced model
 becomes a ``torch.fx.GraphModule``, which no longer needs the original model class to load).
 """
 
@@ -31,7 +33,7 @@ class Params(StageParams):
     tolerance: float = Field(
         default=1e-4,
         gt=0,
-        description="largest |fused - unfused| output difference allowed on the example batch, "
+        description="largest |fused - unfused| prediction difference allowed on the example batch, "
         "as a fraction of the largest |unfused output| (relative to the output's scale)",
     )
     require_fusion: bool = Field(
@@ -150,8 +152,8 @@ def check_outputs(reference: np.ndarray, fused: np.ndarray, tolerance: float) ->
 def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Fuse Conv/Linear + BatchNorm pairs, check the outputs on real eval inputs, and save the fused model."""
     model = only_input(inputs)[1].load()
-    batch = ctx.data.example_batch().numpy()
-    reference = TorchRunner(model).predict(batch)
+    example = ctx.data.eval_set.example()
+    reference = TorchRunner(model, ctx.io).predict(example)
     parameters_before = count_params(model)
     trace_error: str | None = None
     try:
@@ -169,7 +171,7 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
             )
         fused = model  # keep the original class rather than a traced copy with nothing changed
     product, reloaded = save_and_reload(fused, ctx.workdir, "fuse_conv_bn", "fused")
-    max_abs_diff, relative_diff = check_outputs(reference, TorchRunner(reloaded).predict(batch), params.tolerance)
+    max_abs_diff, relative_diff = check_outputs(reference, TorchRunner(reloaded, ctx.io).predict(example), params.tolerance)
     metrics = {
         "method": method,
         "fused_pairs": fused_pairs,
@@ -181,11 +183,6 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         "trace_error": trace_error,
     }
     return StageOutput(product=product, metrics=metrics)
-
-
-STAGE = declare_stage(
-    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"eval_data"},
-)
 
 
 STAGE = declare_stage(

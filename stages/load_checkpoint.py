@@ -6,6 +6,14 @@ code from the file: TorchScript, torch.export.load) is loaded only when the reci
 Without it a ``.pt2`` gives only its weights, read without evaluating its graph. Declared sizes are checked
 against the bytes the file holds before torch allocates (``max_inflation``); what each format gets is
 described in ``pipeline.torchkit.checkpoint_files``.
+
+A training dict's weights are the one top-level entry holding tensors (``{'net': ..., 'acc': 93.1}``), else
+``model_state_dict``, ``state_dict`` or ``model``, or the entry ``state_dict_key`` names (``ema``). A prefix
+every tensor name shares (``module.``, ``_orig_mod.``, ``net.``, nested ones) is removed when that makes more
+names fit the model, or as ``strip_prefix`` says. A Hugging Face ``save_pretrained`` folder is a checkpoint
+too (``pipeline.hf``): its weight files are read like checkpoint files, never by ``from_pretrained``, and a
+factory taking ``checkpoint_config`` is given the folder's parsed ``config.json``. Weights the folder leaves
+out because they are tied to others it holds (an LM head tied to the embeddings) are filled by loading those.
 """
 
 from __future__ import annotations
@@ -17,14 +25,16 @@ import pickle
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, OptipipeError, RecipeError
+from pipeline.hf import factory_kwargs, weight_files
 from pipeline.recipe import ModelSpec
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage
 from pipeline.torchkit.checkpoint_files import (
@@ -46,10 +56,15 @@ class Params(StageParams):
     max_inflation: float = Field(default=20, gt=1, description="how many times its stored bytes a zip entry, the "
                                  "whole archive or a tensor view may expand to (entries and tensors under 1 MiB "
                                  "exempt); larger is refused as a bomb before anything is allocated")
+    state_dict_key: str | None = Field(default=None, description="the entry of a training dict that holds the weights, "
+                                       "e.g. ema or model_ema; by default the only entry holding tensors, or else "
+                                       "model_state_dict, state_dict or model")
+    strip_prefix: str | None = Field(default=None, min_length=1, description="a prefix to remove from the checkpoint's "
+                                     "tensor names, e.g. 'net.' for a LightningModule holding self.net; by default a "
+                                     "prefix every name shares is removed when that makes more names fit the model")
 
 
-WEIGHT_KEYS = ("model_state_dict", "state_dict", "model")
-WRAPPER_PREFIXES = ("module.", "model.")  # DataParallel/DDP, Lightning
+WEIGHT_KEYS = ("model_state_dict", "state_dict", "model")  # preferred, in this order, when several entries hold tensors
 SHOWN = 5
 StateDict = dict[str, torch.Tensor]
 
@@ -73,15 +88,21 @@ def pickle_refused(path: Path, detail: str) -> CheckpointError:
     )
 
 
-def build_model(spec: ModelSpec) -> torch.nn.Module:
-    """Call the recipe's ``model.factory`` with its kwargs; a failing factory is a recipe error."""
-    return build_module(
-        spec.factory,
-        spec.kwargs,
-        "model.factory",
-        raised="{field}: {call} raised {error_type}: {error_text}",
-        returned="{field}: {factory} returned a {kind}, not a torch.nn.Module",
-    )
+def build_model(spec: ModelSpec, checkpoint: Path | None = None) -> torch.nn.Module:
+    """Call the recipe's ``model.factory`` with its kwargs (and the folder's config when it takes
+    ``checkpoint_config``); a failing factory is a recipe error, or the optipipe error it raised itself."""
+    try:
+        return build_module(
+            spec.factory,
+            factory_kwargs(spec, checkpoint),
+            "model.factory",
+            raised="{field}: {call} raised {error_type}: {error_text}",
+            returned="{field}: {factory} returned a {kind}, not a torch.nn.Module",
+        )
+    except RecipeError as error:  # a factory's own optipipe error (transformers missing) already says the fix
+        if isinstance(error.__cause__, OptipipeError):
+            raise error.__cause__ from None
+        raise
 
 
 def unreadable_reason(path: Path, error: Exception) -> str:
@@ -216,36 +237,150 @@ def is_tensor_dict(value: Any) -> bool:
     )
 
 
-def extract_weights(path: Path, file_format: str, loaded: Any) -> tuple[str, StateDict, dict[str, Any]]:
-    """Find the weights in what was loaded: ``(format, state_dict, the other top-level entries)``."""
-    if isinstance(loaded, torch.nn.Module):
-        return file_format, dict(loaded.state_dict()), {}
-    if is_tensor_dict(loaded):
-        return file_format, dict(loaded), {}
-    if not isinstance(loaded, Mapping):
-        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a state_dict or a model")
-    for key in WEIGHT_KEYS:
-        weights = loaded.get(key)
-        weights = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-        if is_tensor_dict(weights):
-            return "training_dict", dict(weights), {str(name): value for name, value in loaded.items() if name != key}
+@dataclass
+class Weights:
+    """The tensors a checkpoint holds and where they were found in it."""
+
+    format: str
+    state_dict: StateDict
+    extras: dict[str, Any] = field(default_factory=dict)  # a training dict's other top-level entries
+    key: str | None = None  # the training dict's entry that held them
+    shards: int | None = None  # a save_pretrained folder's weight files
+
+
+def weight_entries(loaded: Mapping[Any, Any]) -> dict[str, StateDict]:
+    """A training dict's top-level entries that hold weights (a state_dict, or a module), by key."""
+    entries = {}
+    for key, value in loaded.items():
+        value = value.state_dict() if isinstance(value, torch.nn.Module) else value
+        if isinstance(key, str) and is_tensor_dict(value):
+            entries[key] = dict(value)
+    return entries
+
+
+def choose_entry(path: Path, loaded: Mapping[Any, Any], chosen: str | None) -> str:
+    """Which entry of a training dict holds the weights: ``chosen``, the only one holding tensors, or a known key."""
+    entries = weight_entries(loaded)
+    named = ", ".join(repr(key) for key in entries)
+    if chosen is not None:
+        if chosen not in entries:
+            raise CheckpointError(f"{path} has no weights under state_dict_key {chosen!r}; the entries holding weights are: "
+                                  f"{named or 'none'}")
+        return chosen
+    if len(entries) == 1:
+        return next(iter(entries))
+    known = [key for key in WEIGHT_KEYS if key in entries]
+    if known:
+        return known[0]
+    if entries:
+        raise CheckpointError(f"{path} holds weights under several entries ({named}); choose one with "
+                              "`with: {state_dict_key: NAME}` on the load stage")
     raise CheckpointError(
         f"{path} holds a dict without weights (keys: {listed([repr(name) for name in loaded]) or 'none'}); expected "
-        f"a state_dict (name -> tensor) or one under {', '.join(repr(key) for key in WEIGHT_KEYS)}"
+        "a state_dict (name -> tensor) or a training dict with one under any key (e.g. 'model_state_dict', 'net')"
     )
 
 
+def extract_weights(path: Path, file_format: str, loaded: Any, chosen: str | None = None) -> Weights:
+    """Find the weights in what was loaded: a module's, a state_dict, or a training dict's entry ``chosen`` or found."""
+    if isinstance(loaded, torch.nn.Module):
+        weights = Weights(file_format, dict(loaded.state_dict()))
+    elif is_tensor_dict(loaded):
+        weights = Weights(file_format, dict(loaded))
+    elif isinstance(loaded, Mapping):
+        key = choose_entry(path, loaded, chosen)
+        extras = {str(name): value for name, value in loaded.items() if name != key}
+        return Weights("training_dict", weight_entries({key: loaded[key]})[key], extras, key)
+    else:
+        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a state_dict or a model")
+    if chosen is not None:
+        raise CheckpointError(f"{path} is not a training dict, so state_dict_key {chosen!r} names nothing in it; "
+                              "remove state_dict_key from the load stage")
+    return weights
+
+
+def read_pretrained(folder: Path, params: Params) -> Weights:
+    """The weights of a save_pretrained folder: each shard read like a checkpoint file, as a plain state_dict."""
+    if params.state_dict_key is not None:
+        raise CheckpointError(f"{folder} is a save_pretrained folder, so state_dict_key {params.state_dict_key!r} names "
+                              "nothing in it; remove state_dict_key from the load stage")
+    files = weight_files(folder)
+    state_dict: StateDict = {}
+    for shard in files:
+        file_format, loaded = read_checkpoint(shard, params)
+        if not is_tensor_dict(loaded):
+            raise CheckpointError(f"{shard} holds a {type(loaded).__name__}, not the state_dict save_pretrained writes")
+        repeated = sorted(state_dict.keys() & loaded.keys())
+        if repeated:
+            raise CheckpointError(f"{shard} repeats tensors of an earlier shard ({listed(repeated)}); re-save the model "
+                                  "with save_pretrained")
+        state_dict.update(loaded)
+    return Weights("huggingface", state_dict, shards=len(files))
+
+
+def read_weights(path: Path, params: Params) -> Weights:
+    """The weights of a checkpoint file or save_pretrained folder; an unreadable file is a CheckpointError."""
+    try:
+        if path.is_dir():
+            return read_pretrained(path, params)
+        file_format, loaded = read_checkpoint(path, params)
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read: {error.strerror or error}") from None
+    return extract_weights(path, file_format, loaded, params.state_dict_key)
+
+
+def shared_prefixes(keys: Iterable[str]) -> list[str]:
+    """The dotted prefixes every key starts with, outermost first, each leaving a name: ``['module.', 'module._orig_mod.']``."""
+    split = [key.split(".") for key in keys]
+    if not split:
+        return []
+    prefixes = []
+    for depth in range(1, min(len(parts) for parts in split)):
+        head = split[0][:depth]
+        if any(parts[:depth] != head for parts in split):
+            break
+        prefixes.append(".".join(head) + ".")
+    return prefixes
+
+
+def without_prefix(path: Path, state_dict: StateDict, prefix: str) -> StateDict:
+    """The state_dict with ``prefix`` removed from the names that start with it."""
+    stripped = {key.removeprefix(prefix): tensor for key, tensor in state_dict.items()}
+    if len(stripped) < len(state_dict):
+        raise CheckpointError(f"{path}: removing {prefix!r} makes two tensor names the same; set strip_prefix to a longer prefix")
+    return stripped
+
+
 def strip_wrapper_prefix(state_dict: StateDict, model_keys: set[str]) -> tuple[StateDict, str | None]:
-    """Drop a DDP ``module.`` or Lightning ``model.`` prefix that every checkpoint key has and the model lacks."""
-    for prefix in WRAPPER_PREFIXES:
-        if not all(key.startswith(prefix) for key in state_dict):
-            continue
-        stripped = {key[len(prefix):]: tensor for key, tensor in state_dict.items()}
-        hits_raw, hits_stripped = len(model_keys & state_dict.keys()), len(model_keys & stripped.keys())
-        model_has_prefix = bool(model_keys) and all(key.startswith(prefix) for key in model_keys)
-        if hits_stripped > hits_raw or (hits_stripped == hits_raw and not model_has_prefix):
-            return stripped, prefix
-    return state_dict, None
+    """Drop the prefix every checkpoint name shares (DDP ``module.``, torch.compile ``_orig_mod.``, a LightningModule's
+    ``model.`` or ``net.``, ``backbone.``, nested ones) whose removal makes the most names fit the model, if any does."""
+    best, best_hits = None, len(model_keys & state_dict.keys())
+    for prefix in shared_prefixes(state_dict):
+        hits = sum(key[len(prefix):] in model_keys for key in state_dict)
+        if hits > best_hits:
+            best, best_hits = prefix, hits
+    if best is None:
+        return state_dict, None
+    return {key[len(best):]: tensor for key, tensor in state_dict.items()}, best
+
+
+def strip_prefix(path: Path, state_dict: StateDict, model_keys: set[str], prefix: str | None) -> tuple[StateDict, str | None]:
+    """Remove the recipe's ``strip_prefix``, which some name must start with, or else a wrapper prefix found by itself."""
+    if prefix is None:
+        return strip_wrapper_prefix(state_dict, model_keys)
+    if not any(key.startswith(prefix) for key in state_dict):
+        shared = shared_prefixes(state_dict)
+        found = f"every name starts with {shared[0]!r}" if shared else f"names: {listed(list(state_dict))}"
+        raise CheckpointError(f"{path}: no tensor name starts with strip_prefix {prefix!r} ({found}); fix strip_prefix on the load stage")
+    return without_prefix(path, state_dict, prefix), prefix
+
+
+def tied_keys(model_state: StateDict, state_dict: StateDict) -> list[str]:
+    """Model tensors the checkpoint lacks that share memory with one it holds: tied weights (an LM head tied to the
+    embeddings), which save_pretrained writes once and loading the other fills."""
+    loaded = {(tensor.data_ptr(), tensor.shape) for key, tensor in model_state.items() if key in state_dict and tensor.numel()}
+    return [key for key, tensor in model_state.items()
+            if key not in state_dict and tensor.numel() and (tensor.data_ptr(), tensor.shape) in loaded]
 
 
 def check_finite(path: Path, state_dict: StateDict) -> None:
@@ -257,59 +392,71 @@ def check_finite(path: Path, state_dict: StateDict) -> None:
                               "the training run likely diverged, use an earlier checkpoint")
 
 
+def prefix_hint(state_dict: StateDict, model_state: StateDict) -> str:
+    """A sentence naming the prefix every checkpoint name has and no model name has, with the fix; '' when none."""
+    model_prefixes = set(shared_prefixes(model_state))
+    lacking = [prefix for prefix in shared_prefixes(state_dict) if prefix not in model_prefixes]
+    if not lacking:
+        return ""
+    return (f" Every checkpoint name starts with {lacking[0]!r} and the model's do not: if the weights are those of a "
+            f"wrapper's attribute, set `with: {{strip_prefix: \"{lacking[0]}\"}}` on the load stage.")
+
+
 def compare_keys(path: Path, spec: ModelSpec, state_dict: StateDict, model_state: StateDict,
                  strict: bool) -> dict[str, list[str]]:
-    """Missing, unexpected and mis-shaped tensor names; in strict mode any of them is an error naming them."""
+    """Missing, unexpected, mis-shaped and tied tensor names; an error naming them in strict mode, or when none fits.
+
+    ``strict: false`` is suggested only when some tensor would then load.
+    """
+    tied = tied_keys(model_state, state_dict)
     differences = {
-        "missing_keys": [key for key in model_state if key not in state_dict],
+        "missing_keys": [key for key in model_state if key not in state_dict and key not in tied],
         "unexpected_keys": [key for key in state_dict if key not in model_state],
         "mismatched_keys": [key for key, tensor in state_dict.items()
                             if key in model_state and tensor.shape != model_state[key].shape],
+        "tied_keys": tied,
     }
-    if strict and any(differences.values()):
-        shaped = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(model_state[key].shape)}"
-                  for key in differences["mismatched_keys"]]
-        parts = [f"{title} ({len(names)}): {listed(names)}" for title, names in (
-            ("missing from the checkpoint", differences["missing_keys"]),
-            ("unexpected in the checkpoint", differences["unexpected_keys"]), ("mis-shaped", shaped)) if names]
-        raise CheckpointError(
-            f"{path} does not fit {spec.factory}(**{spec.kwargs}): {'; '.join(parts)}. Check model.factory and model.kwargs "
-            "in the recipe, or set `with: {strict: false}` on the load stage to load only the tensors that match"
-        )
-    return differences
+    fitting = len(state_dict) - len(differences["unexpected_keys"]) - len(differences["mismatched_keys"])
+    if fitting and not (strict and any(differences[name] for name in ("missing_keys", "unexpected_keys", "mismatched_keys"))):
+        return differences
+    shaped = [f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(model_state[key].shape)}"
+              for key in differences["mismatched_keys"]]
+    parts = [f"{title} ({len(names)}): {listed(names)}" for title, names in (
+        ("missing from the checkpoint", differences["missing_keys"]),
+        ("unexpected in the checkpoint", differences["unexpected_keys"]), ("mis-shaped", shaped)) if names]
+    found = "; ".join(parts) if fitting else f"none of its {len(state_dict)} tensors fits ({'; '.join(parts)})"
+    fix = ", or set `with: {strict: false}` on the load stage to load only the tensors that match" if fitting else ""
+    raise CheckpointError(f"{path} does not fit {spec.factory}(**{spec.kwargs}): {found}. Check model.factory and model.kwargs "
+                          f"in the recipe{fix}.{prefix_hint(state_dict, model_state)}")
 
 
-def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
-    """Build the recipe's model, load the checkpoint's weights into it, and save it for the next stages."""
-    if ctx.checkpoint_path is None or not Path(ctx.checkpoint_path).is_file():
-        given = ctx.checkpoint_path or "none was given"
-        raise CheckpointError(f"load_checkpoint needs a checkpoint file: {given} is not one")
-    path = Path(ctx.checkpoint_path)
-    model = build_model(ctx.recipe.model)
+def checkpoint_bytes(path: Path, weights: Weights) -> int:
+    """Bytes of the checkpoint file, or of a save_pretrained folder's weight files."""
+    return sum(file.stat().st_size for file in weight_files(path)) if weights.shards else path.stat().st_size
+
+
+def fit_checkpoint(path: Path, spec: ModelSpec, params: Params) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The recipe's model with the checkpoint's weights loaded into it, and the metrics of how they were found."""
+    model = build_model(spec, path)
     model_state = model.state_dict()
-    try:
-        file_format, loaded = read_checkpoint(path, params)
-    except OSError as error:
-        raise CheckpointError(f"{path} cannot be read: {error.strerror or error}") from None
-    file_format, state_dict, extras = extract_weights(path, file_format, loaded)
-    state_dict, prefix = strip_wrapper_prefix(state_dict, set(model_state))
+    weights = read_weights(path, params)
+    state_dict, prefix = strip_prefix(path, weights.state_dict, set(model_state), params.strip_prefix)
     check_view_extents(path, state_dict, params.max_inflation)
     check_finite(path, state_dict)
-    differences = compare_keys(path, ctx.recipe.model, state_dict, model_state, params.strict)
+    differences = compare_keys(path, spec, state_dict, model_state, params.strict)
     skipped = set(differences["unexpected_keys"]) | set(differences["mismatched_keys"])
     matching = {key: tensor for key, tensor in state_dict.items() if key not in skipped}
-    if not matching:
-        raise CheckpointError(f"{path}: none of its {len(state_dict)} tensors fits {ctx.recipe.model.factory}; "
-                              "check model.factory and model.kwargs in the recipe")
     try:
-        model.load_state_dict(matching, strict=params.strict)
+        model.load_state_dict(matching, strict=params.strict and not differences["tied_keys"])
     except RuntimeError as error:  # e.g. a dtype that cannot be copied into the parameter
-        raise CheckpointError(f"{path}: loading into {ctx.recipe.model.factory} failed: {error}") from None
+        raise CheckpointError(f"{path}: loading into {spec.factory} failed: {error}") from None
+    extras = weights.extras
     metrics = {
-        "format": file_format,
-        "checkpoint_bytes": path.stat().st_size,
+        "format": weights.format,
+        "checkpoint_bytes": checkpoint_bytes(path, weights),
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "tensors_loaded": len(matching),
+        "state_dict_key": weights.key,
         "prefix_stripped": prefix,
         "extra_entries": sorted(extras),
         "has_optimizer_state": any(  # an entry left None or empty holds no state
@@ -317,15 +464,21 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
             for name, value in extras.items()),
         **differences,
     }
+    if weights.shards is not None:
+        metrics["shards"] = weights.shards
     epoch = extras.get("epoch")
     if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
         metrics["epoch"] = epoch
+    return model, metrics
+
+
+def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
+    """Build the recipe's model, load the checkpoint's weights into it, and save it for the next stages."""
+    if ctx.checkpoint_path is None or not (Path(ctx.checkpoint_path).is_file() or Path(ctx.checkpoint_path).is_dir()):
+        given = ctx.checkpoint_path or "none was given"
+        raise CheckpointError(f"load_checkpoint needs a checkpoint file or save_pretrained folder: {given} is neither")
+    model, metrics = fit_checkpoint(Path(ctx.checkpoint_path), ctx.recipe.model, params)
     return StageOutput(product=save_torch_module(model.eval(), ctx.workdir), metrics=metrics)
-
-
-STAGE = declare_stage(
-    takes=(), makes="torch", inputs="none", version=1, params=Params, run=run, capabilities={"checkpoint"},
-)
 
 
 STAGE = declare_stage(

@@ -9,7 +9,9 @@ pooling and flattening). The channels with the smallest L1/L2 weight norm are cu
 so the saved model is really smaller. A layer whose channels meet others in a residual add or a
 concatenation, reach the model's output or an op prune cannot follow is left whole and listed in
 ``skipped_layers`` with the reason. Either way the model can be fine-tuned on the recipe's train data
-(masks stay in force meanwhile), and eval top-1 is recorded before, after pruning and after fine-tuning.
+(masks stay in force meanwhile, the loss the recipe's task's), and the recipe's metric (``metric``, e.g. top-1 or
+MSE) is recorded before, after pruning and after fine-tuning (``value_before``, ``value_after_prune``, ...; ``value``
+and ``delta`` for the final model; ``top1_*`` keys too for classification).
 An input saved as weights and a factory (``strip_optimizer``'s) gives weights, the factory and the
 pruning history (each cut's kept channel indices): it loads with ``weights_only=True``; any other input
 gives a whole pickled module.
@@ -21,7 +23,6 @@ from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils import prune
@@ -30,14 +31,15 @@ from pipeline.errors import StageError, one_line
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.channels import ChannelCut, cut_channels
 from pipeline.torchkit.complexity import count_macs, count_params, layer_sparsity, overall_sparsity, weighted_layers
-from pipeline.torchkit.evaluate import compare_logits, predict_all, top1
+from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ModelHandle, save_like
+from pipeline.torchkit.model_io import Feeds, feed_rows, feeds_length
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_model
 
 
 class Finetune(StageParams):
-    """Training after pruning, on the recipe's train data (Adam, cross-entropy)."""
+    """Training after pruning, on the recipe's train data (Adam, the task's loss)."""
 
     epochs: int = Field(ge=1, description="passes over the train data")
     lr: float = Field(default=1e-3, gt=0, description="Adam learning rate")
@@ -71,9 +73,9 @@ class Params(StageParams):
         return self
 
 
-def prune_channels(model: nn.Module, example: torch.Tensor, params: Params) -> tuple[list[ChannelCut], dict[str, object]]:
+def prune_channels(ctx: StageContext, model: nn.Module, example: Feeds, params: Params) -> tuple[list[ChannelCut], dict[str, object]]:
     """Remove the weakest output channels of every prunable layer, in place; the cuts and the channel metrics."""
-    cuts, skipped = cut_channels(model, example, params.amount, params.norm)
+    cuts, skipped = cut_channels(model, ctx.io, ctx.io.tensors(example), params.amount, params.norm)
     channels = {cut.producer: [cut.width_before, len(cut.kept)] for cut in cuts}
     pruned_layers = sum(after < before for before, after in channels.values())
     return cuts, {"pruned_layers": pruned_layers, "channels": channels, "skipped_layers": skipped}
@@ -92,18 +94,18 @@ def mask_by_magnitude(model: nn.Module, params: Params) -> list[nn.Module]:
     return layers
 
 
-def eval_figures(model: nn.Module, ctx: StageContext, reference: np.ndarray, when: str) -> dict[str, float]:
-    """Eval top-1 of ``model`` and its agreement with the unpruned model's predictions."""
-    eval_inputs, eval_labels = ctx.data.eval_arrays
-    logits = predict_all(TorchRunner(model), eval_inputs, description=f"{ctx.name}: eval {when}")
-    compared = compare_logits(reference, logits, eval_labels)
-    return {f"top1_{when}": compared["top1"], f"agreement_{when}": compared["agreement"]}
+def eval_figures(ctx: StageContext, model: nn.Module, reference: np.ndarray, targets: np.ndarray, when: str) -> dict[str, object]:
+    """The recipe's metric and figures of ``model`` on the eval split, and its agreement with the unpruned model."""
+    predictions = predict_all(TorchRunner(model, ctx.io), ctx.data.eval_set.inputs, description=f"{ctx.name}: eval {when}")
+    compared = ctx.scoring.compare(reference, predictions, targets)
+    figures = {f"value_{when}": compared["value"], f"figures_{when}": compared["figures"], f"agreement_{when}": compared["agreement"]}
+    return figures | ({f"top1_{when}": compared["top1"]} if "top1" in compared else {})
 
 
-def checked_output_shape(model: nn.Module, example: torch.Tensor, expected: tuple[int, ...]) -> None:
-    """StageError when the pruned model fails on ``example`` or changes the output shape."""
+def checked_output_shape(ctx: StageContext, model: nn.Module, example: Feeds, expected: tuple[int, ...]) -> None:
+    """StageError when the pruned model fails on ``example`` or changes the prediction's shape."""
     try:
-        shape = TorchRunner(model).predict(example.numpy()).shape
+        shape = TorchRunner(model, ctx.io).predict(example).shape
     except Exception as error:  # e.g. a forward() that hard-codes a channel count in a view()
         raise StageError(f"prune: the pruned model fails on a real batch ({one_line(error)}); use method: magnitude") from error
     if shape != expected:
@@ -114,27 +116,37 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     """Prune, optionally fine-tune, make the pruning permanent and save it (weights and history where the input was weights)."""
     _, source = only_input(inputs)
     model = source.load()
-    example = ctx.data.example_batch()
-    eval_inputs, eval_labels = ctx.data.eval_arrays
-    reference = predict_all(TorchRunner(model), eval_inputs, description=f"{ctx.name}: eval before")
-    params_before, macs_before = count_params(model), count_macs(model, example[:1])
+    evaluation = ctx.data.eval_set
+    example = evaluation.example()
+    one_row = ctx.io.tensors(feed_rows(example, slice(0, 1)))
+    reference = predict_all(TorchRunner(model, ctx.io), evaluation.inputs, description=f"{ctx.name}: eval before")
+    targets = ctx.scoring.task.prepare_targets(evaluation.targets, reference)
+    params_before, macs_before = count_params(model), count_macs(model, ctx.io, one_row)
     masked_layers: list[nn.Module] = []
     cuts: list[ChannelCut] = []
     if params.method == "channels":
-        cuts, method_metrics = prune_channels(model, example, params)
+        cuts, method_metrics = prune_channels(ctx, model, example, params)
     else:
         masked_layers, method_metrics = mask_by_magnitude(model, params), {}
-    metrics = {"top1_before": top1(reference, eval_labels)}
-    metrics |= eval_figures(model, ctx, reference, "after_prune")
+    unpruned = ctx.scoring.task.figures(reference, targets)
+    metric = ctx.scoring.metric(unpruned).name
+    metrics: dict[str, object] = {"metric": metric, "value_before": unpruned[metric], "figures_before": unpruned}
+    metrics |= eval_figures(ctx, model, reference, targets, "after_prune")
+    if "top1_after_prune" in metrics:  # classification
+        metrics["top1_before"] = unpruned["top1"]
+    last = "after_prune"
     if params.finetune is not None:
         _, metrics["finetune_loss"] = train_model(
-            model, ctx.data.train, params.finetune.epochs, params.finetune.lr, description=f"{ctx.name}: finetune"
+            model, ctx.data.train, params.finetune.epochs, params.finetune.lr, description=f"{ctx.name}: finetune",
+            io=ctx.io, task=ctx.scoring.task,
         )
-        metrics |= eval_figures(model, ctx, reference, "after_finetune")
+        metrics |= eval_figures(ctx, model, reference, targets, "after_finetune")
+        last = "after_finetune"
+    metrics |= {"value": metrics[f"value_{last}"], "delta": metrics[f"value_{last}"] - metrics["value_before"]}
     for layer in masked_layers:
         prune.remove(layer, "weight")  # the zeros move into the weight; mask and hook are dropped
-    checked_output_shape(model, example, reference[: len(example)].shape)
-    params_after, macs_after = count_params(model), count_macs(model, example[:1])
+    checked_output_shape(ctx, model, example, reference[: feeds_length(example)].shape)
+    params_after, macs_after = count_params(model), count_macs(model, ctx.io, one_row)
     metrics |= {
         "method": params.method,
         "amount": params.amount,
@@ -151,11 +163,6 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     product = save_like(model, ctx.workdir, source, [cut.as_dict() for cut in cuts])
     metrics["saved_as"] = "weights and pruning history" if product.meta.get("format") == "state_dict" else "whole module"
     return StageOutput(product=product, metrics=metrics)
-
-
-STAGE = declare_stage(
-    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"train_data", "eval_data"},
-)
 
 
 STAGE = declare_stage(

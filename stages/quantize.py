@@ -2,7 +2,9 @@
 training) with torch's x86 backend, or a plain cast to FP16/BF16.
 
 ``dynamic`` stores Linear/LSTM/GRU weights in INT8 and quantizes activations on the fly
-(``quantize_dynamic``). ``static`` and ``qat`` use torch's FX graph mode (``prepare_fx``/``prepare_qat_fx``
+(``quantize_dynamic``); each ``nn.MultiheadAttention`` is first rebuilt with separate Q/K/V/output
+``nn.Linear`` projections (``pipeline.torchkit.attention``, checked to give its outputs on the example
+batch) so its projections are INT8 too, where torch alone would leave its packed ``in_proj_weight`` FP32. ``static`` and ``qat`` use torch's FX graph mode (``prepare_fx``/``prepare_qat_fx``
 then ``convert_fx`` with the x86 per-channel qconfig), so models need no QuantStub/DeQuantStub: static
 observes ``calibration_batches`` train batches, qat fine-tunes with fake quantization first. FX was
 chosen over the export-based pt2e flow after measuring both on this CPU: FX's converted model runs real
@@ -11,19 +13,22 @@ quantize/dequantize ops, slower than FP32 until ``torch.compile`` (which a saved
 keep), and its x86 quantizer refused ``resnet_small``'s residual blocks. FP16/BF16 casts are for
 targets that compute in them: on this CPU FP16 convolutions ran 5-20x slower than FP32, BF16 about as fast.
 
-The result is pickled whole, loaded back from disk and compared with the input model on the eval split.
+The result is pickled whole, loaded back from disk and compared with the input model on the eval split,
+scored by the recipe's task; ``fp32_layers`` lists every layer whose weight matrix stayed FP32, and why.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import traceback
 import warnings
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -35,9 +40,12 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 from pipeline.errors import StageError, one_line
 from pipeline.progress import track
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
-from pipeline.torchkit.data import split_batch
-from pipeline.torchkit.evaluate import compare_logits, predict_all, top1
+from pipeline.torchkit.attention import SplitProjectionAttention, unsupported
+from pipeline.torchkit.channels import untraceable_forward
+from pipeline.torchkit.data import DataBundle
+from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ModelHandle, save_and_reload
+from pipeline.torchkit.model_io import ModelIO, flatten_outputs
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_model
 
@@ -50,7 +58,7 @@ class Params(StageParams):
 
     mode: Literal["dynamic", "static", "qat", "fp16", "bf16"] = Field(
         default="dynamic",
-        description="dynamic: INT8 Linear/LSTM/GRU weights; static: INT8 weights and activations calibrated on "
+        description="dynamic: INT8 Linear/LSTM/GRU/MultiheadAttention weights; static: INT8 weights and activations calibrated on "
         "train data; qat: static after fake-quantized fine-tuning; fp16 / bf16: cast every float weight",
     )
     calibration_batches: int = Field(
@@ -71,6 +79,8 @@ class Params(StageParams):
 
 BACKEND = "x86"
 DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
+DYNAMIC_COVERS = "Linear/LSTM/GRU/MultiheadAttention"
+SPLIT_TOLERANCE = 1e-5  # largest |split - packed| attention output, relative to the output's scale
 QUANTIZED_LAYERS = (WeightedQuantizedModule, RNNBase, RNNCellBase)
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -96,41 +106,44 @@ def use_x86_engine() -> None:
         torch.backends.quantized.engine = BACKEND
 
 
-def model_code_line(error: BaseException) -> str:
-    """`` at file:line `code` `` of the innermost frame outside torch and this stage (the model's own code), or ''."""
-    torch_folder = str(Path(torch.__file__).parent)
-    frames = [
-        frame for frame in traceback.extract_tb(error.__traceback__)
-        if not frame.filename.startswith(torch_folder) and frame.filename != __file__ and frame.line
-    ]
+def model_code_line(error: BaseException, model: nn.Module) -> str:
+    """`` at file:line `code` `` of the innermost frame in the model's own code (its classes' files), or ''."""
+    files = {inspect.getsourcefile(type(module)) for module in model.modules()} - {None}
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if frame.filename in files and frame.line]
     return f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} `{frames[-1].line}`" if frames else ""
 
 
-def graph_mode_failure(mode: str, step: str, error: BaseException) -> StageError:
-    """One line naming the mode, the FX step that failed, its cause and the model's line, with the two ways out."""
+def graph_mode_failure(mode: str, step: str, error: BaseException, model: nn.Module) -> StageError:
+    """One line naming the mode, the FX step that failed, its cause and the model's line or construct, with the two ways out."""
     return StageError(
-        f"quantize: mode {mode} could not {step} the model with torch.fx ({one_line(error)[:300]}){model_code_line(error)}; "
-        "use mode: dynamic, or export_onnx + quantize_onnx"
+        f"quantize: mode {mode} could not {step} the model with torch.fx ({one_line(error)[:300]})"
+        f"{model_code_line(error, model) or untraceable_forward(model)}; use mode: dynamic, or export_onnx + quantize_onnx"
     )
 
 
-def prepare_graph(model: nn.Module, mode: str, example: torch.Tensor) -> torch.fx.GraphModule:
+def positional_example(model: nn.Module, io: ModelIO, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The example inputs as the positional arguments FX prepare takes (inputs called by keyword bound to their places)."""
+    args, kwargs = io.arguments(model, tensors)
+    return tuple(inspect.signature(model.forward).bind(*args, **kwargs).args)
+
+
+def prepare_graph(model: nn.Module, mode: str, io: ModelIO, tensors: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
     """Trace ``model`` with FX and insert observers (static) or fake quantizers (qat)."""
     try:
+        example = positional_example(model, io, tensors)
         if mode == "qat":
-            return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping(BACKEND), (example,))
-        return prepare_fx(model.eval(), get_default_qconfig_mapping(BACKEND), (example,))
-    except Exception as error:  # fx TraceError, or an op the quantization patterns cannot handle
-        raise graph_mode_failure(mode, "trace and prepare", error) from error
+            return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping(BACKEND), example)
+        return prepare_fx(model.eval(), get_default_qconfig_mapping(BACKEND), example)
+    except Exception as error:  # fx TraceError (a keyword forward, Python control flow), or an op the patterns cannot handle
+        raise graph_mode_failure(mode, "trace and prepare", error, model) from error
 
 
-def calibrate(prepared: nn.Module, train_loader: Iterable, batches: int) -> int:
-    """Run up to ``batches`` train batches through the observers; returns how many were used."""
+def calibrate(prepared: nn.Module, data: DataBundle, io: ModelIO, batches: int) -> int:
+    """Run up to ``batches`` train batches (every named input) through the observers; returns how many were used."""
     used = 0
-    for batch in track(itertools.islice(train_loader, batches), "quantize: calibrate", total=batches):
-        inputs, _ = split_batch(batch, "train")
+    for inputs, _ in track(itertools.islice(data.train_batches(), batches), "quantize: calibrate", total=batches):
         with torch.no_grad():
-            prepared(inputs)
+            io.call(prepared, inputs)
         used += 1
     if used == 0:
         raise StageError("quantize: the train loader yielded no batches; static calibration needs at least one")
@@ -142,20 +155,91 @@ def convert_graph(prepared: torch.fx.GraphModule, mode: str) -> torch.fx.GraphMo
     try:
         converted = convert_fx(prepared.eval())
     except Exception as error:  # a pattern torch could observe but not lower to quantized ops
-        raise graph_mode_failure(mode, "convert", error) from error
+        raise graph_mode_failure(mode, "convert", error, prepared) from error
     return converted
 
 
-def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
-    """INT8 weights for every Linear/LSTM/GRU; StageError when the model has none of them."""
-    quantized = quantize_dynamic(model.eval(), set(DYNAMIC_LAYERS), dtype=torch.qint8)
+def attention_calls(model: nn.Module, layers: dict[str, nn.Module], io: ModelIO, tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """Each attention layer's first call on the example batch: (args, kwargs, outputs), by layer name.
+
+    The hooks also keep nn.TransformerEncoderLayer off its fused fast path, which would not call the layer.
+    """
+    calls: dict[str, tuple] = {}
+
+    def recorder(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
+            calls.setdefault(name, (args, kwargs, outputs))
+        return record
+
+    hooks = [layer.register_forward_hook(recorder(name), with_kwargs=True) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            io.call(model, tensors)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def split_difference(split: nn.Module, call: tuple) -> float:
+    """Largest |split - packed| output of one recorded attention call, relative to the packed outputs' scale."""
+    args, kwargs, expected = call
+    with torch.no_grad():
+        made = flatten_outputs(split(*args, **kwargs))
+    wanted = flatten_outputs(expected)
+    if [path for path, _ in made] != [path for path, _ in wanted]:
+        return float("inf")
+    difference = max((float((a - b).abs().max()) for (_, a), (_, b) in zip(made, wanted) if a.numel()), default=0.0)
+    scale = max((float(b.abs().max()) for _, b in wanted if b.numel()), default=0.0)
+    return difference / max(scale, 1.0)
+
+
+def split_reason(name: str, attention: nn.MultiheadAttention, calls: dict[str, tuple]) -> tuple[nn.Module | None, str | None]:
+    """The attention layer rebuilt with separate projections, or None and why it stays as it is."""
+    reason = unsupported(attention)
+    if reason is None and name not in calls:
+        reason = "not called on the example batch, so its separate-projection rebuild could not be checked"
+    if reason is not None:
+        return None, reason
+    split = SplitProjectionAttention(attention)
+    try:
+        difference = split_difference(split, calls[name])
+    except Exception as error:  # a call the re-implementation does not take
+        return None, f"its separate-projection rebuild failed on the example batch's call ({one_line(error)[:200]})"
+    if not difference <= SPLIT_TOLERANCE:
+        return None, (f"its separate-projection rebuild differs from it by {difference:.3g} on the example batch "
+                      f"(tolerance {SPLIT_TOLERANCE:g})")
+    return split, None
+
+
+def split_attention(model: nn.Module, io: ModelIO, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Swap every nn.MultiheadAttention for its separate-projection rebuild, in place; the layers kept, with why."""
+    layers = {name: module for name, module in model.named_modules() if type(module) is nn.MultiheadAttention}
+    calls = attention_calls(model, layers, io, tensors) if layers else {}
+    kept = {}
+    for name, attention in layers.items():
+        split, reason = split_reason(name, attention, calls)
+        if split is None:
+            kept[name] = f"MultiheadAttention left as it is: {reason}"
+        else:
+            model.set_submodule(name, split)
+    return kept
+
+
+def quantize_dynamic_int8(model: nn.Module, io: ModelIO, tensors: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, str]]:
+    """INT8 weights for every Linear/LSTM/GRU and attention projection, and the attention layers kept FP32 with why.
+
+    StageError when the model has none of those layers.
+    """
+    kept = split_attention(model.eval(), io, tensors)
+    quantized = quantize_dynamic(model, set(DYNAMIC_LAYERS), dtype=torch.qint8)
     if not quantized_layer_counts(quantized, "dynamic"):
         found = sorted({type(module).__name__ for module in model.modules() if not list(module.children())})
         raise StageError(
-            f"quantize: mode dynamic quantizes only {'/'.join(cls.__name__ for cls in DYNAMIC_LAYERS)} layers and "
+            f"quantize: mode dynamic quantizes only {DYNAMIC_COVERS} layers and "
             f"the model has none (its layers: {', '.join(found) or 'none'}); use mode: static"
         )
-    return quantized
+    return quantized, kept
 
 
 def quantized_layer_counts(model: nn.Module, mode: str) -> dict[str, int]:
@@ -168,52 +252,101 @@ def quantized_layer_counts(model: nn.Module, mode: str) -> dict[str, int]:
     return dict(sorted(Counter(type(layer).__name__ for layer in layers).items()))
 
 
-def quantize_model(ctx: StageContext, model: nn.Module, params: Params) -> tuple[nn.Module, dict[str, Any]]:
-    """The model in ``params.mode``, and the metrics of how it was made."""
+def fp32_reason(module: nn.Module, mode: str) -> str:
+    """Why a weighted layer of a ``mode`` INT8 model is still FP32."""
+    kind = type(module).__name__
+    if mode == "dynamic":
+        base = next((layer.__name__ for layer in DYNAMIC_LAYERS if isinstance(module, layer)), None)
+        if base is not None:
+            return f"{kind} subclasses {base}, and quantize_dynamic swaps exact nn.{base} layers only"
+        return f"dynamic INT8 covers {DYNAMIC_COVERS} only"
+    return f"torch.fx {mode} quantization with the default {BACKEND} qconfig mapping has no INT8 kernel for {kind} here"
+
+
+def is_weight_matrix(name: str, parameter: torch.Tensor) -> bool:
+    """A layer's weight matrix (``weight``, ``in_proj_weight``, ``weight_ih_l0``), not a bias, a scale or a free tensor."""
+    return parameter.dim() >= 2 and (name == "weight" or name.endswith("_weight") or name.startswith("weight_"))
+
+
+def fp32_layers(model: nn.Module, mode: str, kept: dict[str, str]) -> dict[str, str]:
+    """Every layer whose weight matrix (Conv, Linear, Embedding, attention, ...) is still FP32 in an INT8 model, with why.
+
+    Normalisation layers (1-d scales and shifts) and free parameters are not listed; a cast model has no FP32 weights left.
+    """
+    if mode in CAST_DTYPES:
+        return {}
+    left = {}
+    for name, module in model.named_modules():
+        if any(is_weight_matrix(key, p) and p.dtype == torch.float32 for key, p in module.named_parameters(recurse=False)):
+            owner = next((why for layer, why in kept.items() if name == layer or name.startswith(f"{layer}.")), None)
+            left[f"{name} ({type(module).__name__})"] = owner or fp32_reason(module, mode)
+    return left
+
+
+def quantize_model(ctx: StageContext, model: nn.Module, params: Params) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
+    """The model in ``params.mode``, the metrics of how it was made, and the layers deliberately left FP32 with why."""
     if params.mode in CAST_DTYPES:
-        return model.to(dtype=CAST_DTYPES[params.mode]), {"backend": "cpu"}
+        return model.to(dtype=CAST_DTYPES[params.mode]), {"backend": "cpu"}, {}
     use_x86_engine()
+    tensors = ctx.io.tensors(ctx.data.eval_set.example())
     if params.mode == "dynamic":
-        return quantize_dynamic_int8(model), {"backend": BACKEND}
-    prepared = prepare_graph(model, params.mode, ctx.data.example_batch())
+        quantized, kept = quantize_dynamic_int8(model, ctx.io, tensors)
+        return quantized, {"backend": BACKEND}, kept
+    prepared = prepare_graph(model, params.mode, ctx.io, tensors)
     if params.mode == "static":
-        used = calibrate(prepared, ctx.data.train, params.calibration_batches)
-        return convert_graph(prepared, params.mode), {"backend": BACKEND, "calibration_batches": used}
-    _, final_loss = train_model(prepared, ctx.data.train, params.epochs, params.lr, description="quantize: qat")
+        used = calibrate(prepared, ctx.data, ctx.io, params.calibration_batches)
+        return convert_graph(prepared, params.mode), {"backend": BACKEND, "calibration_batches": used}, {}
+    _, final_loss = train_model(
+        prepared, ctx.data.train, params.epochs, params.lr, description="quantize: qat", io=ctx.io, task=ctx.scoring.task
+    )
     made = {"backend": BACKEND, "epochs": params.epochs, "lr": params.lr, "final_train_loss": final_loss}
-    return convert_graph(prepared, params.mode), made
+    return convert_graph(prepared, params.mode), made, {}
+
+
+def scored(ctx: StageContext, reference: np.ndarray, predictions: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+    """The quantized model's figures against FP32: the recipe's metric before and after, agreement, output closeness.
+
+    ``top1_fp32``/``top1``/``delta_top1`` are there for classification only.
+    """
+    compared = ctx.scoring.compare(reference, predictions, targets)
+    fp32_figures = ctx.scoring.task.figures(reference, targets)
+    metrics = {
+        "metric": compared["metric"],
+        "value_fp32": fp32_figures[compared["metric"]],
+        "value": compared["value"],
+        "delta": compared["delta"],
+        "figures": compared["figures"],
+        "agreement": compared["agreement"],
+        "max_abs_logit_diff": compared["max_abs_logit_diff"],
+        "relative_error": compared["relative_error"],
+        "eval_samples": compared["samples"],
+    }
+    if "top1" in compared:
+        metrics |= {"top1_fp32": fp32_figures["top1"], "top1": compared["top1"], "delta_top1": compared["delta_top1"]}
+    return metrics
 
 
 def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) -> StageOutput:
     """Quantize (or cast), save, reload, and compare with the input model on the eval split."""
     _, source = only_input(inputs)
-    eval_inputs, eval_labels = ctx.data.eval_arrays
-    reference = predict_all(TorchRunner(source.load()), eval_inputs, description="quantize: fp32")
-    quantized, made = quantize_model(ctx, source.load(), params)
+    evaluation = ctx.data.eval_set
+    reference = predict_all(TorchRunner(source.load(), ctx.io), evaluation.inputs, description="quantize: fp32")
+    targets = ctx.scoring.task.prepare_targets(evaluation.targets, reference)
+    quantized, made, kept = quantize_model(ctx, source.load(), params)
     product, reloaded = save_and_reload(quantized, ctx.workdir, "quantize", "quantized")
-    logits = predict_all(TorchRunner(reloaded), eval_inputs, description=f"quantize: {params.mode}")
-    comparison = compare_logits(reference, logits, eval_labels)
+    predictions = predict_all(TorchRunner(reloaded, ctx.io), evaluation.inputs, description=f"quantize: {params.mode}")
     metrics = {
         "mode": params.mode,
         "calibration_batches": 0,
         **made,
         "quantized_layers": quantized_layer_counts(reloaded, params.mode),
+        "fp32_layers": fp32_layers(reloaded, params.mode, kept),
         "size_before_bytes": source.size_bytes,
         "size_after_bytes": product.size_bytes,
         "size_ratio": source.size_bytes / product.size_bytes,
-        "top1_fp32": top1(reference, eval_labels),
-        "top1": comparison["top1"],
-        "delta_top1": comparison["delta_top1"],
-        "agreement": comparison["agreement"],
-        "max_abs_logit_diff": comparison["max_abs_logit_diff"],
-        "eval_samples": comparison["samples"],
+        **scored(ctx, reference, predictions, targets),
     }
     return StageOutput(product=product, metrics=metrics)
-
-
-STAGE = declare_stage(
-    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run, capabilities={"train_data", "eval_data"},
-)
 
 
 STAGE = declare_stage(

@@ -8,9 +8,14 @@ VNNI: QDQ, uint8 activations, int8 per-channel symmetric weights, MinMax calibra
 onnxruntime can quantize. onnxruntime turns that QDQ graph into NHWC ``QLinearConv``/``QLinearAdd``
 chains when it loads it; the ops it runs are recorded (``runtime_op_counts``), but the portable QDQ file
 is what is stored: storing the optimized graph measured no faster to run or load, and would tie the
-artifact to this onnxruntime version and CPU. The result, one self-contained ``model.onnx``, must load
-and run in onnxruntime and agree with the input model's predictions on the eval split on at least
-``min_agreement``.
+artifact to this onnxruntime version and CPU. Calibration feeds every declared input (``model.inputs``:
+token ids, masks, images) from the train batches, in the types the file takes. The result, one
+self-contained ``model.onnx``, must load and run in onnxruntime and be compared with the input model on
+the eval split by the recipe's ``task``: where the task makes decisions (classes, labels, tokens) they
+must agree on at least ``min_agreement``; where it does not (regression, custom), no agreement exists,
+so the outputs' relative error ``||int8 - input|| / ||input||`` must stay within ``max_relative_error``
+(a bound on the raw outputs, which every task's figures derive from, rather than a budget on one figure:
+that stays validate's ``max_drop``).
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ from pydantic import Field
 
 from pipeline.errors import StageError, one_line
 from pipeline.progress import track
+from pipeline.recipe.schema import FRACTION_FIGURES
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
-from pipeline.torchkit.data import split_batch
-from pipeline.torchkit.evaluate import compare_logits, predict_all
+from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ONNX_FILE, ModelHandle, OnnxModel
+from pipeline.torchkit.model_io import ModelIO, feeds_length
 from pipeline.torchkit.runners import OnnxRunner
 
 
@@ -82,7 +88,13 @@ class Params(StageParams):
     )
     min_agreement: float = Field(
         default=0.9, ge=0.0, le=1.0,
-        description="smallest share of eval inputs on which the quantized model must predict the input model's class",
+        description="tasks that make decisions (classification, multilabel, token-classification): smallest share of "
+        "eval decisions (classes, labels, tokens) on which the quantized model must agree with the input model",
+    )
+    max_relative_error: float = Field(
+        default=0.1, gt=0.0,
+        description="tasks without decisions (regression, custom), where agreement does not exist: largest relative "
+        "error ||int8 - input|| / ||input|| of the eval outputs",
     )
 
 
@@ -108,19 +120,19 @@ DEFAULT_ADVICE = "keep the failing node in FP32 with nodes_to_exclude, or narrow
 
 
 class TrainBatchReader(CalibrationDataReader):
-    """Feeds the first ``batch_limit`` train batches to the model's input as float32 arrays, with a progress bar."""
+    """Feeds the first ``batch_limit`` train batches to every input of the model, in its input types, with a progress bar."""
 
-    def __init__(self, train: Iterable[Any], input_name: str, batch_limit: int):
+    def __init__(self, train: Iterable[Any], model_io: ModelIO, runner: OnnxRunner, batch_limit: int):
         self.batches_read = 0
         self.samples_read = 0
-        self.feeds = track(self._feeds(train, input_name, batch_limit), "calibrate", total=batch_limit)
+        self.feeds = track(self._feeds(train, model_io, runner, batch_limit), "calibrate", total=batch_limit)
 
-    def _feeds(self, train: Iterable[Any], input_name: str, batch_limit: int) -> Iterator[dict[str, np.ndarray]]:
+    def _feeds(self, train: Iterable[Any], model_io: ModelIO, runner: OnnxRunner, batch_limit: int) -> Iterator[dict[str, np.ndarray]]:
         for batch in itertools.islice(train, batch_limit):
-            inputs, _ = split_batch(batch, "train")
+            feeds = model_io.to_feeds(model_io.split_batch(batch, "train")[0])
             self.batches_read += 1
-            self.samples_read += len(inputs)
-            yield {input_name: np.ascontiguousarray(inputs.float().numpy())}
+            self.samples_read += feeds_length(feeds)
+            yield {name: np.ascontiguousarray(array) for name, array in runner.session_feeds(feeds).items()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         """The next calibration feed, or None when done (the protocol onnxruntime's calibrators use)."""
@@ -153,14 +165,18 @@ def check_names(path: Path, params: Params) -> None:
 
 
 def preprocess(source: Path, target: Path) -> None:
-    """ORT's quantization pre-processing: symbolic shape inference and graph optimization."""
+    """ORT's quantization pre-processing: symbolic shape inference and graph optimization.
+
+    ``auto_merge`` lets symbolic shape inference merge dims it cannot prove equal, such as a transformer's
+    ``Min(max_position_embeddings, seq)`` against ``seq``; without it, inference stops on BERT-like graphs.
+    """
     try:
-        quant_pre_process(str(source), str(target))
+        quant_pre_process(str(source), str(target), auto_merge=True)
     except Exception as error:  # symbolic shape inference or the optimizer refused the graph
         raise StageError(f"quantize_onnx: quant_pre_process failed ({one_line(error)[:400]}); set preprocess: false") from error
 
 
-def quantize(source: Path, target: Path, ctx: StageContext, input_name: str, params: Params) -> TrainBatchReader | None:
+def quantize(source: Path, target: Path, ctx: StageContext, input_runner: OnnxRunner, params: Params) -> TrainBatchReader | None:
     """Write the quantized model; the calibration reader (static mode) tells how much data it read."""
     common = {
         "per_channel": params.per_channel,
@@ -169,7 +185,7 @@ def quantize(source: Path, target: Path, ctx: StageContext, input_name: str, par
         "op_types_to_quantize": params.op_types_to_quantize or None,
         "nodes_to_exclude": params.nodes_to_exclude,
     }
-    reader = TrainBatchReader(ctx.data.train, input_name, params.calibration_batches) if params.mode == "static" else None
+    reader = TrainBatchReader(ctx.data.train, ctx.io, input_runner, params.calibration_batches) if params.mode == "static" else None
     try:
         if reader is None:
             quantize_dynamic(source, target, **common)
@@ -206,28 +222,51 @@ def op_counts(path: Path) -> dict[str, int]:
     return dict(Counter(node.op_type for node in onnx.load(str(path)).graph.node).most_common())
 
 
+def shown(metric: str, value: float) -> str:
+    """A figure as people read it: a percentage for top-1-like fractions, else the number."""
+    return f"{value:.1%}" if metric in FRACTION_FIGURES else f"{value:.4g}"
+
+
 def compare_on_eval(ctx: StageContext, input_runner: OnnxRunner, path: Path, params: Params) -> dict[str, Any]:
-    """Top-1 of both models and their agreement on the eval split; StageError under ``min_agreement``."""
-    eval_inputs, labels = ctx.data.eval_arrays
+    """The task's figures of both models on the eval split and how closely they agree; StageError past the floor.
+
+    The floor is ``min_agreement`` where the task makes decisions, else ``max_relative_error`` of the outputs.
+    """
+    evaluation = ctx.data.eval_set
     try:
-        quantized_logits = predict_all(OnnxRunner(path), eval_inputs, description="predict int8")
+        quantized = predict_all(OnnxRunner(path), evaluation.inputs, description="predict int8")
     except Exception as error:  # loads, but a kernel fails on real data
         raise StageError(f"quantize_onnx: the quantized model fails in onnxruntime ({one_line(error)[:400]}); {DEFAULT_ADVICE}") from error
-    comparison = compare_logits(predict_all(input_runner, eval_inputs, description="predict fp32"), quantized_logits, labels)
+    reference = predict_all(input_runner, evaluation.inputs, description="predict fp32")
+    comparison = ctx.scoring.compare(reference, quantized, ctx.scoring.task.prepare_targets(evaluation.targets, reference))
+    top1 = comparison.get("top1")
     figures = {
-        "top1_input": comparison["top1"] - comparison["delta_top1"],
-        "top1_quantized": comparison["top1"],
+        "metric": comparison["metric"],
+        "value_input": comparison["value"] - comparison["delta"],
+        "value_quantized": comparison["value"],
+        "figures": comparison["figures"],
+        "top1_input": None if top1 is None else top1 - comparison["delta_top1"],
+        "top1_quantized": top1,
         "agreement": comparison["agreement"],
+        "relative_error": comparison["relative_error"],
+        "cosine_similarity": comparison["cosine_similarity"],
         "max_abs_logit_diff": comparison["max_abs_logit_diff"],
         "eval_samples": comparison["samples"],
     }
-    if not figures["agreement"] >= params.min_agreement:
-        advice = "try calibrate_method: percentile, " if params.mode == "static" else "try mode: static, "
+    metric = figures["metric"]
+    change = f"{metric} {shown(metric, figures['value_input'])} -> {shown(metric, figures['value_quantized'])}"
+    advice = ("try calibrate_method: percentile, " if params.mode == "static" else "try mode: static, ") + (
+        "more calibration_batches, or keep sensitive nodes in FP32 with nodes_to_exclude")
+    if figures["agreement"] is not None and not figures["agreement"] >= params.min_agreement:
         raise StageError(
-            f"quantize_onnx: the INT8 model predicts the input model's class on only {figures['agreement']:.1%} of "
-            f"{figures['eval_samples']} eval inputs (min_agreement {params.min_agreement:.0%}; top-1 "
-            f"{figures['top1_input']:.1%} -> {figures['top1_quantized']:.1%}); {advice}more calibration_batches, "
-            "or keep sensitive nodes in FP32 with nodes_to_exclude"
+            f"quantize_onnx: the INT8 model agrees with the input model on only {figures['agreement']:.1%} of the decisions "
+            f"on {figures['eval_samples']} eval inputs (min_agreement {params.min_agreement:.0%}; {change}); {advice}"
+        )
+    if figures["agreement"] is None and not figures["relative_error"] <= params.max_relative_error:  # also catches NaN
+        raise StageError(
+            f"quantize_onnx: the INT8 model's outputs differ from the input model's by {figures['relative_error']:.1%} "
+            f"(relative error) on {figures['eval_samples']} eval inputs (max_relative_error {params.max_relative_error:.0%}; "
+            f"{change}); {advice}"
         )
     return figures
 
@@ -244,7 +283,7 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
             to_quantize = scratch / PREPROCESSED_FILE
             preprocess(source.path, to_quantize)
         check_names(to_quantize, params)
-        reader = quantize(to_quantize, scratch / QUANTIZED_FILE, ctx, input_runner.input_name, params)
+        reader = quantize(to_quantize, scratch / QUANTIZED_FILE, ctx, input_runner, params)
         optimize_for_runtime(scratch / QUANTIZED_FILE, scratch / OPTIMIZED_FILE)
         runtime_ops = op_counts(scratch / OPTIMIZED_FILE)
         path = ctx.workdir / ONNX_FILE
@@ -271,11 +310,6 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         "onnxruntime_version": ort.__version__,
     }
     return StageOutput(product=OnnxModel(path=path), metrics=metrics)
-
-
-STAGE = declare_stage(
-    takes=("onnx",), makes="onnx", inputs="one", version=1, params=Params, run=run, exclusive=False, capabilities={"train_data", "eval_data"},
-)
 
 
 STAGE = declare_stage(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pipeline.errors import StageError
+from pipeline.hf import factory_kwargs
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.handles import ModelHandle, TorchModel, save_torch_weights
 
@@ -42,7 +43,7 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     input_name, source = only_input(inputs)
     module = source.load()
     spec = ctx.recipe.model
-    weights = save_torch_weights(module, ctx.workdir, spec.factory, spec.kwargs)
+    weights = save_torch_weights(module, ctx.workdir, spec.factory, factory_kwargs(spec, ctx.checkpoint_path))
     check_round_trip(weights, input_name, spec.factory)
     bytes_before = checkpoint_bytes(ctx, source)
     bytes_after = weights.path.stat().st_size
@@ -52,11 +53,6 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         "saved_fraction": round(1 - bytes_after / bytes_before, 4) if bytes_before else 0.0,
     }
     return StageOutput(product=weights, metrics=metrics)
-
-
-STAGE = declare_stage(
-    takes=("torch",), makes="torch", inputs="one", version=1, params=Params, run=run,
-)
 
 
 STAGE = declare_stage(

@@ -89,23 +89,3 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 STAGE = declare_stage(
     takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
 )
-
-
-STAGE = declare_stage(
-    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
-)
-
-
-STAGE = declare_stage(
-    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
-)
-
-
-STAGE = declare_stage(
-    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
-)
-
-
-STAGE = declare_stage(
-    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
-)

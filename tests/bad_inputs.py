@@ -280,7 +280,7 @@ def runtime_export_fails(tmp: Path) -> list[str]:
 CATALOGUE: list[BadInput] = [
     # checkpoints
     BadInput("ckpt-missing", checkpoint_case(ckpt_missing), "checkpoint not found"),
-    BadInput("ckpt-folder", checkpoint_case(ckpt_folder), "is a folder; give the checkpoint file"),
+    BadInput("ckpt-folder", checkpoint_case(ckpt_folder), "is a folder without config.json; give the checkpoint file, or a save_pretrained folder"),
     BadInput("ckpt-empty", checkpoint_case(ckpt_empty), "empty"),
     BadInput("ckpt-truncated-zip", checkpoint_case(ckpt_truncated_zip), "truncated.pt"),
     BadInput("ckpt-random-bytes", checkpoint_case(ckpt_random_bytes), "random.pt"),
@@ -314,7 +314,7 @@ CATALOGUE: list[BadInput] = [
     BadInput("model-factory-callable-missing", validate_case(LOAD_ONLY.replace("digits_cnn", "digits_cnnn")), "digits_cnnn"),
     BadInput("model-factory-raises", run_recipe_case(LOAD_ONLY.replace("pipeline.zoo:digits_cnn", "bad_factory_raises:build"), FACTORY_RAISES), "width must be a multiple of 8"),
     BadInput("data-factory-raises", run_recipe_case(DATA_HEADER % "bad_data_raises", DATA_FACTORY_RAISES), "/data/imagenet/train not found"),
-    BadInput("data-wrong-shape", run_recipe_case(DATA_HEADER % "bad_data_shape", DATA_WRONG_SHAPE), "examples have shape [3, 5, 5] but model.input_shape"),
+    BadInput("data-wrong-shape", run_recipe_case(DATA_HEADER % "bad_data_shape", DATA_WRONG_SHAPE), "input input is shaped [16, 3, 5, 5] but model.input_shape fixes dimension 1 to 1"),
     BadInput("data-empty", run_recipe_case(DATA_HEADER % "bad_data_empty", DATA_EMPTY), "no batches"),
     BadInput("data-labels-out-of-range", run_recipe_case(DATA_HEADER % "bad_data_labels", DATA_LABELS_OUT_OF_RANGE), "eval labels range from"),
     BadInput("data-bad-kwargs", run_recipe_case(LOAD_AND_CHECK.replace("stages:", "data: {source: synthetic, kwargs: {num_sampels: 8}}\nstages:")), "num_sampels"),

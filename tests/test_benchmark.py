@@ -9,6 +9,7 @@ from pipeline.recipe import load_recipe
 from pipeline.run.contract import StageContext
 from pipeline.torchkit.data import build_data
 from pipeline.torchkit.handles import save_torch_module
+from pipeline.torchkit.model_io import ModelIO
 from pipeline.zoo import digits_cnn
 from stages import benchmark
 from tests.conftest import REPO_ROOT, one_stage_recipe
@@ -17,7 +18,7 @@ RECIPE = one_stage_recipe()
 
 
 def test_benchmark_times_each_batch_size_against_the_baseline(tmp_path):
-    data = build_data(RECIPE.data, [1, 1, 8, 8])
+    data = build_data(RECIPE.data, ModelIO.of(RECIPE.model))
     handles = []
     for name, width in (("baseline", 32), ("narrow", 8)):
         (tmp_path / name).mkdir()
@@ -38,6 +39,7 @@ def test_benchmark_times_each_batch_size_against_the_baseline(tmp_path):
     expected = metrics["baseline"]["batches"]["4"]["p50_ms"] / narrow["batches"]["4"]["p50_ms"]
     assert narrow["speedup_vs_baseline"]["4"] == pytest.approx(expected)
     assert narrow["size_ratio_vs_baseline"] < 0.2 and narrow["peak_rss_bytes"] > 0
+    assert metrics["input_shapes"] == {"1": {"input": [1, 1, 8, 8]}, "4": {"input": [4, 1, 8, 8]}}
     assert output.product.path.is_file()
 
 
@@ -58,20 +60,20 @@ class RecordingRunner:
     def __init__(self, name: str, calls: list[str]):
         self.name, self.calls = name, calls
 
-    def predict(self, inputs):
+    def predict(self, feeds):
         self.calls.append(self.name)
-        return inputs
+        return feeds["input"]
 
 
 def test_rounds_interleave_the_baseline_and_every_variant(monkeypatch, tmp_path):
     calls: list[str] = []
-    monkeypatch.setattr(benchmark, "runner_for", lambda handle: RecordingRunner(handle.path.parent.name, calls))
+    monkeypatch.setattr(benchmark, "runner_for", lambda handle, model_io: RecordingRunner(handle.path.parent.name, calls))
     handles = {}
     for name in ("baseline", "a", "b"):
         (tmp_path / name).mkdir()
         handles[name] = save_torch_module(digits_cnn(width=4), tmp_path / name)
     (tmp_path / "work").mkdir()
-    data = build_data(RECIPE.data, [1, 1, 8, 8])
+    data = build_data(RECIPE.data, ModelIO.of(RECIPE.model))
     context = StageContext(
         name="bench", workdir=tmp_path / "work", recipe=RECIPE, checkpoint_path=None, load_data=lambda: data,
         baseline=handles["baseline"], baseline_name="load",

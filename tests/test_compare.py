@@ -95,12 +95,12 @@ def test_missing_artifact_folder_gives_no_params(tmp_path):
 
 def test_accuracy_drop_regression(tmp_path):
     a, b = _record(tmp_path), _record(tmp_path, run_id="run-b", onnx_top1=0.958)
-    result = compare_runs(a, b, max_accuracy_drop=0.005)
+    result = compare_runs(a, b, max_drop=0.005)
     assert result["regressions"] == ["onnx: top-1 dropped 1.40 points (97.20% -> 95.80%), allowed 0.50"]
     onnx = next(v for v in result["variants"] if v["variant"] == "onnx")
     assert abs(onnx["delta_top1"] + 0.014) < 1e-9 and onnx["regression"]
     # Within the allowance: no regression.
-    assert compare_runs(a, b, max_accuracy_drop=0.02)["regressions"] == []
+    assert compare_runs(a, b, max_drop=0.02)["regressions"] == []
 
 
 def test_latency_regression(tmp_path):
@@ -139,7 +139,7 @@ def test_accepted_then_rejected_is_regression(tmp_path):
     a = _record(tmp_path)
     b = copy.deepcopy(a)
     b["stages"][3]["metrics"]["variants"]["onnx"]["status"] = "rejected"
-    result = compare_runs(a, b, max_accuracy_drop=1.0)
+    result = compare_runs(a, b, max_drop=1.0)
     assert result["regressions"] == ["onnx: accepted in A, rejected in B"]
 
 
@@ -157,7 +157,7 @@ def test_stages_matched_by_name_across_recipes(tmp_path):
 
 def test_tables_render(tmp_path):
     a, b = _record(tmp_path), _record(tmp_path, run_id="run-b", opset=17, onnx_top1=0.958)
-    tables = comparison_tables(compare_runs(a, b, max_accuracy_drop=0.005))
+    tables = comparison_tables(compare_runs(a, b, max_drop=0.005))
     assert len(tables) == 2
     console = Console(record=True, width=200)
     for table in tables:

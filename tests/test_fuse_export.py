@@ -105,7 +105,7 @@ def test_fx_fusion_folds_every_batchnorm_and_keeps_outputs(context, tmp_path, da
     assert output.product.path.parent == ctx.workdir and sorted(p.name for p in ctx.workdir.iterdir()) == ["model.pt"]
     fused = torch.load(output.product.path, weights_only=False)  # a GraphModule reloads from its pickle
     assert isinstance(fused, fx.GraphModule)
-    batch = torch.from_numpy(data.eval_arrays[0][:32])
+    batch = torch.from_numpy(data.eval_set.inputs["input"][:32])
     torch.testing.assert_close(outputs(fused.eval(), batch), outputs(model, batch), rtol=1e-4, atol=1e-5)
 
 
@@ -118,7 +118,7 @@ def test_untraceable_model_falls_back_to_sequential_pairs(context, tmp_path, dat
     assert metrics["fused_pairs"] == 2 and metrics["batchnorms_left"] == 0
     fused = output.product.load()
     assert isinstance(fused, Branchy) and isinstance(fused.body[1], nn.Identity) and fused.body[3].bias is not None
-    batch = torch.from_numpy(data.eval_arrays[0][:32])
+    batch = torch.from_numpy(data.eval_set.inputs["input"][:32])
     torch.testing.assert_close(outputs(fused, batch), outputs(model, batch), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outputs(fused, -batch), outputs(model, -batch), rtol=1e-4, atol=1e-5)
 
@@ -162,8 +162,8 @@ def export(context, tmp_path: Path, model: nn.Module | TorchModel, **params):
 def assert_runs_like_torch(path: Path, model: nn.Module, data: DataBundle, batch_sizes=(1, 5)) -> None:
     runner = OnnxRunner(path)
     for size in batch_sizes:
-        batch = data.eval_arrays[0][10:10 + size]
-        np.testing.assert_allclose(runner.predict(batch), outputs(model, torch.from_numpy(batch)).numpy(), atol=1e-4)
+        batch = data.eval_set.inputs["input"][10:10 + size]
+        np.testing.assert_allclose(runner.predict({"input": batch}), outputs(model, torch.from_numpy(batch)).numpy(), atol=1e-4)
 
 
 @pytest.mark.parametrize("simplify", [True, False], ids=["simplified", "not-simplified"])
@@ -178,6 +178,8 @@ def test_export_digits_cnn_passes_checker_and_matches_torch_at_any_batch(context
     assert sorted(p.name for p in ctx.workdir.iterdir()) == [ONNX_FILE]  # no .onnx.data, no report
     assert metrics["exporter"] == "dynamo" and metrics["opset"] == 18 and metrics["simplified"] is simplify
     assert metrics["max_abs_diff"] <= 1e-4 and metrics["batch_sizes_checked"] == [8, 1]
+    assert metrics["dims_checked"] == [{"batch": 8}, {"batch": 1}] and metrics["dynamic_dims"] == ["batch"]
+    assert metrics["inputs"] == {"input": {"shape": ["batch", 1, 8, 8], "dtype": "float32"}} and metrics["outputs"] == ["logits"]
     assert metrics["onnx_bytes"] == output.product.path.stat().st_size
     assert "BatchNormalization" not in {node.op_type for node in onnx.load(output.product.path).graph.node}
     if not simplify:
@@ -206,12 +208,9 @@ def test_static_batch_export_fixes_the_batch_to_the_recipe_shape(context, tmp_pa
 
 
 def test_onnxruntime_outputs_over_tolerance_fail(context, tmp_path, monkeypatch):
-    class DriftingRunner(OnnxRunner):
-        def predict(self, inputs: np.ndarray) -> np.ndarray:
-            return super().predict(inputs) + 1e-3
-
-    monkeypatch.setattr(export_onnx, "OnnxRunner", DriftingRunner)
-    with pytest.raises(StageError, match=r"onnxruntime outputs differ from torch by 0\.001 on a batch of 8 \(tolerance 0\.0001\)"):
+    onnx_outputs = export_onnx.onnx_outputs
+    monkeypatch.setattr(export_onnx, "onnx_outputs", lambda runner, feeds: [output + 1e-3 for output in onnx_outputs(runner, feeds)])
+    with pytest.raises(StageError, match=r"onnxruntime outputs differ from torch by 0\.001 on a batch of 8 \(output logits, tolerance 0\.0001\)"):
         export(context, tmp_path, digits_cnn())
 
 

@@ -21,9 +21,11 @@ from pydantic import ValidationError
 from torch import nn
 
 from pipeline.errors import StageError, StageUnavailable
+from pipeline.recipe.schema import InputSpec
 from pipeline.torchkit import gpu
 from pipeline.torchkit.data import DataBundle
 from pipeline.torchkit.handles import OnnxModel
+from pipeline.torchkit.model_io import ModelIO
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.tensorrt_runner import TensorRTRunner
 from pipeline.torchkit.train import train_model
@@ -156,12 +158,60 @@ def test_importing_the_gpu_modules_imports_no_tensorrt():
 
 
 def test_calibration_data_recuts_train_batches_to_the_profile_batch(data):
-    batches = tensorrt.calibration_data(data.train, count=3, rows=8)
-    assert len(batches) == 3 * 64 // 8 and all(batch.shape == (8, 1, 8, 8) for batch in batches)
-    assert all(batch.dtype == np.float32 and batch.flags["C_CONTIGUOUS"] for batch in batches)
-    assert [b.shape for b in tensorrt.calibration_data(data.train, count=1, rows=100)] == [(100, 1, 8, 8)]
+    batches = tensorrt.calibration_data(data.train, data.io, count=3, rows=8)
+    assert len(batches) == 3 * 64 // 8 and all(batch["input"].shape == (8, 1, 8, 8) for batch in batches)
+    assert all(batch["input"].dtype == np.float32 and batch["input"].flags["C_CONTIGUOUS"] for batch in batches)
+    assert [b["input"].shape for b in tensorrt.calibration_data(data.train, data.io, count=1, rows=100)] == [(100, 1, 8, 8)]
     with pytest.raises(StageError, match="yielded no batches"):
-        tensorrt.calibration_data([], count=4, rows=8)
+        tensorrt.calibration_data([], data.io, count=4, rows=8)
+
+
+TOKENS = ModelIO([InputSpec(name="input_ids", shape=["batch", "seq"], dtype="int64", vocab_size=50),
+                  InputSpec(name="attention_mask", shape=["batch", "seq"], dtype="int64", range=(0, 2))])
+
+
+def token_batches(count: int, rows: int, seq: int) -> list[dict[str, torch.Tensor]]:
+    """Train batches of a two-input token model, as a loader yields them (dicts with labels)."""
+    feeds = TOKENS.synthetic(rows * count, dims={"seq": seq})
+    return [{**{name: torch.from_numpy(array[index * rows:(index + 1) * rows]) for name, array in feeds.items()},
+             "labels": torch.zeros(rows, dtype=torch.long)} for index in range(count)]
+
+
+def test_calibration_data_feeds_every_input_in_its_declared_type():
+    batches = tensorrt.calibration_data(token_batches(2, 6, 12), TOKENS, count=2, rows=4)
+    assert len(batches) == 3 and all(set(batch) == {"input_ids", "attention_mask"} for batch in batches)
+    assert all(array.shape == (4, 12) and array.dtype == np.int64 for batch in batches for array in batch.values())
+    tensorrt.check_calibration_sizes(batches, TOKENS, {"batch": 4, "seq": 12})
+    with pytest.raises(StageError, match=r"train batches have seq=12 but the engine is built for the eval data's seq=16; pad"):
+        tensorrt.check_calibration_sizes(batches, TOKENS, {"batch": 4, "seq": 16})
+    with pytest.raises(StageError, match="train batches differ in shape beyond the batch"):
+        tensorrt.calibration_data(token_batches(1, 4, 12) + token_batches(1, 4, 9), TOKENS, count=2, rows=4)
+
+
+def test_profile_shapes_give_the_batch_range_and_the_eval_sizes():
+    ids = TOKENS.specs[0]
+    assert tensorrt.profile_shapes(ids, [1, 8, 64], {"seq": 16}) == [(1, 16), (8, 16), (64, 16)]
+    assert tensorrt.profile_shapes(ids, [1, 8, 64], {"seq": 16}, network_dims=[-1, 20]) == [(1, 20), (8, 20), (64, 20)]
+    image = InputSpec(name="image", shape=["batch", 3, "height", 32])
+    assert tensorrt.profile_shapes(image, [4, 4, 4], {"height": 24}) == [(4, 3, 24, 32)] * 3
+    with pytest.raises(StageError, match=r"the ONNX input input_ids has 3 dimensions \[-1, -1, 4\], model.inputs declares 2"):
+        tensorrt.profile_shapes(ids, [1, 8, 64], {"seq": 16}, network_dims=[-1, -1, 4])
+    params = tensorrt.Params(min_batch=2, opt_batch=4, max_batch=16)
+    assert tensorrt.batch_range_of(params) == [2, 4, 16] and tensorrt.batch_range_of(params, 8) == [8, 8, 8]
+
+
+def test_engine_forward_calls_the_model_through_its_declared_inputs():
+    class TwoInputs(nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": (input_ids * attention_mask).float().sum(1, keepdim=True), "other": input_ids}
+
+    feeds = TOKENS.synthetic(3, dims={"seq": 5})
+    tensors = TOKENS.tensors(feeds)
+    prediction = tensorrt.EngineForward(TwoInputs(), TOKENS)(*tensors.values())
+    assert prediction.dtype == torch.float32 and prediction.shape == (3, 1)
+    torch.testing.assert_close(prediction, (tensors["input_ids"] * tensors["attention_mask"]).float().sum(1, keepdim=True))
+    half = tensorrt.EngineForward(nn.Linear(4, 2), ModelIO.single(), torch.float16)
+    assert half.module.weight.dtype == torch.float16 and half(torch.ones(2, 4)).dtype == torch.float32
 
 
 H200 = {"gpu_name": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "10.13.0.35"}
@@ -188,7 +238,7 @@ def test_engine_from_another_tensorrt_or_on_a_cpu_machine_is_refused(monkeypatch
 
 def test_engine_from_this_machine_or_without_a_record_passes(monkeypatch):
     monkeypatch.setattr(gpu, "gpu_identity", lambda: dict(H200, cuda_version="12.8"))
-    gpu.check_engine_compatible({**H200, "precision": "fp16", "input_name": "input"})
+    gpu.check_engine_compatible({**H200, "precision": "fp16", "inputs": {"input": "input"}})
     gpu.check_engine_compatible({})
 
 
@@ -221,7 +271,7 @@ def tensorrt_ready():
 def trained(factory, data: DataBundle, epochs: int = 4) -> nn.Module:
     torch.manual_seed(0)
     model = factory()
-    train_model(model, data.train, epochs=epochs, lr=3e-3, description="train")
+    train_model(model, data.train, epochs=epochs, lr=3e-3, description="train", io=data.io)
     return model.eval()
 
 
@@ -240,9 +290,9 @@ def median_ms(predict, batch: np.ndarray, repeats: int = 50) -> float:
 
 
 def report_latency(label: str, engine_path: Path, meta: dict, model: nn.Module, data: DataBundle) -> None:
-    batch = np.ascontiguousarray(data.eval_arrays[0][:64])
+    batch = {"input": np.ascontiguousarray(data.eval_set.inputs["input"][:64])}
     engine = TensorRTRunner(engine_path, meta)
-    eager = TorchRunner(model.float(), device="cuda", dtype=torch.float32)
+    eager = TorchRunner(model.float(), data.io, device="cuda", dtype=torch.float32)
     engine_ms, eager_ms = median_ms(engine.predict, batch), median_ms(eager.predict, batch)
     print(f"\n{label} on {meta['gpu_name']}: batch 64, TensorRT {engine_ms:.3f} ms vs FP32 eager {eager_ms:.3f} ms ({eager_ms / engine_ms:.2f}x)")
 
@@ -257,10 +307,10 @@ def test_fp16_engine_from_onnx_of_the_digits_model(context, tmp_path, data, tens
     assert output.product.kind == "engine" and output.product.path == ctx.workdir / "model.engine"
     assert sorted(p.name for p in ctx.workdir.iterdir()) == ["model.engine"]
     assert metrics["agreement"] >= 0.99 and metrics["precision"] == "fp16" and metrics["engine_bytes"] > 0
-    assert meta["gpu_name"] == torch.cuda.get_device_name() and meta["tensorrt_version"] and meta["input_name"] == "input"
+    assert meta["gpu_name"] == torch.cuda.get_device_name() and meta["tensorrt_version"] and meta["inputs"] == {"input": "input"}
     runner = TensorRTRunner(output.product.path, meta)
     for size in (1, 5, 64, 100):  # inside the profile, and past max_batch (split into chunks)
-        assert runner.predict(data.eval_arrays[0][:size]).shape == (size, 10)
+        assert runner.predict({"input": data.eval_set.inputs["input"][:size]}).shape == (size, 10)
     with pytest.raises(StageError, match="rebuild it here"):
         TensorRTRunner(output.product.path, {**meta, "tensorrt_version": "9.0.0"})
     report_latency("digits_cnn fp16 engine (ONNX)", output.product.path, meta, model, data)

@@ -262,10 +262,21 @@ def test_strict_mismatch_names_keys(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         load(tmp_path, path)
     message = str(caught.value)
-    assert "features.0.0.weight" in message and "net.1.weight" in message
-    assert "strict: false" in message and "model.factory" in message
+    assert "features.0.0.weight" in message and "net.1.weight" in message and "model.factory" in message
+    assert "none of its 16 tensors fits" in message and "strict: false" not in message  # nothing would load
+    assert "starts with 'net.'" in message and 'strip_prefix: "net."' in message
     with pytest.raises(CheckpointError, match="none of its 16 tensors fits"):
         load(tmp_path, path, strict=False)
+
+
+def test_strict_mismatch_advises_strict_false_when_some_tensors_fit(tmp_path, source_model):
+    weights = source_model.state_dict()
+    weights["head.extra"] = torch.zeros(2)
+    path = tmp_path / "extra.pt"
+    torch.save(weights, path)
+    with pytest.raises(CheckpointError, match="strict: false") as caught:
+        load(tmp_path, path)
+    assert "unexpected in the checkpoint (1): head.extra" in str(caught.value) and "strip_prefix" not in str(caught.value)
 
 
 def test_strict_mismatch_names_shapes(tmp_path):

@@ -87,7 +87,7 @@ def test_a_three_item_batch_of_a_one_input_model_is_refused_not_misread():
 def test_feeds_are_checked_against_fixed_and_shared_dims():
     io = ModelIO.of(recipe({"inputs": [{"name": "image", "shape": ["batch", 1, 8, 8]}, {"name": "meta", "shape": ["batch", 4]}]}).model)
     assert io.check_feeds({"image": np.zeros((3, 1, 8, 8)), "meta": np.zeros((3, 4))}, "data") == {"batch": 3}
-    with pytest.raises(DataError, match="dimension 1 but the declaration fixes it to 4"):
+    with pytest.raises(DataError, match="meta is shaped \\[3, 5\\] but model.inputs fixes dimension 1 to 4"):
         io.check_feeds({"image": np.zeros((3, 1, 8, 8)), "meta": np.zeros((3, 5))}, "data")
     with pytest.raises(DataError, match="batch is 3 in one input and 2 in meta"):
         io.check_feeds({"image": np.zeros((3, 1, 8, 8)), "meta": np.zeros((2, 4))}, "data")

@@ -14,13 +14,13 @@ from pipeline.errors import StageError
 from pipeline.torchkit import channels
 from pipeline.torchkit.complexity import count_macs, count_params
 from pipeline.torchkit.data import build_data
-from pipeline.torchkit.evaluate import top1
 from pipeline.torchkit.handles import save_torch_weights
+from pipeline.torchkit.model_io import ModelIO, feed_rows
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_model
 from pipeline.zoo import digits_cnn, mlp, resnet18, resnet_small
 from stages import fuse_conv_bn, prune
-from tests.conftest import DIGITS_INPUT_SHAPE, as_input, one_stage_recipe
+from tests.conftest import as_input, one_stage_recipe
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,7 +52,8 @@ def depthwise_net() -> nn.Module:
 def data():
     """This module's own digits loaders (overrides conftest's shared ones): the shuffle order its training and
     fine-tuning see must not depend on how often other test modules iterated a shared train loader first."""
-    return build_data(one_stage_recipe().data, DIGITS_INPUT_SHAPE)
+    recipe = one_stage_recipe()
+    return build_data(recipe.data, ModelIO.of(recipe.model))
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +100,19 @@ def test_channel_pruning_shrinks_layers_their_batchnorms_and_readers(context, tm
     kept = strongest_channels(trained_cnn.features[0][0].weight, 16)  # the 16 of 32 with the largest L1 norm
     torch.testing.assert_close(first.weight, trained_cnn.features[0][0].weight[kept])
     torch.testing.assert_close(first_bn.running_var, trained_cnn.features[0][1].running_var[kept])
-    example = data.example_batch()
+    example = torch.from_numpy(data.eval_set.example()["input"])
+    one_row = {"input": example[:1]}
     assert metrics["params_before"] == count_params(trained_cnn) == 56554
-    assert metrics["macs_before"] == count_macs(trained_cnn, example[:1])
+    assert metrics["macs_before"] == count_macs(trained_cnn, data.io, one_row)
     half_width = digits_cnn(width=16).eval()  # halving every conv's channels gives exactly this architecture
     assert metrics["params_after"] == count_params(pruned) == count_params(half_width)
-    assert metrics["macs_after"] == count_macs(pruned, example[:1]) == count_macs(half_width, example[:1])
+    assert metrics["macs_after"] == count_macs(pruned, data.io, one_row) == count_macs(half_width, data.io, one_row)
     assert metrics["macs_ratio"] < 0.27 and metrics["params_ratio"] < 0.27
     with torch.no_grad():
         assert pruned(example).shape == (8, 10)
     assert metrics["top1_before"] >= 0.9 and 0 <= metrics["agreement_after_prune"] <= 1
+    assert metrics["metric"] == "top1" and metrics["value_before"] == metrics["top1_before"] and metrics["value"] == metrics["top1_after_prune"]
+    assert metrics["delta"] == pytest.approx(metrics["top1_after_prune"] - metrics["top1_before"])
     assert "top1_after_finetune" not in metrics
 
 
@@ -141,7 +145,7 @@ def test_removing_channels_of_a_fused_model_equals_zeroing_them(context, tmp_pat
     assert output.metrics["params_ratio"] < 0.6 and output.metrics["macs_ratio"] < 0.6
     pruned = output.product.load()
     reference = masked_like_pruned(model, output.metrics["channels"], norm)
-    batch = torch.from_numpy(data.eval_arrays[0][:64])
+    batch = torch.from_numpy(data.eval_set.inputs["input"][:64])
     with torch.no_grad():
         torch.testing.assert_close(pruned(batch), reference(batch), rtol=1e-4, atol=1e-5)
 
@@ -167,7 +171,7 @@ def test_linear_after_a_flattened_feature_map_loses_each_pruned_channel_s_block_
     assert output.metrics["channels"] == {"conv": [8, 6]}
     pruned = output.product.load()
     assert pruned.head.weight.shape == (10, 6 * 16) and pruned.head.in_features == 96
-    batch = torch.from_numpy(data.eval_arrays[0][:64])
+    batch = torch.from_numpy(data.eval_set.inputs["input"][:64])
     with torch.no_grad():
         torch.testing.assert_close(pruned(batch), masked_like_pruned(model, output.metrics["channels"], 1)(batch))
 
@@ -194,12 +198,12 @@ def test_resnet_small_prunes_each_block_first_conv_and_skips_residual_adds(conte
     assert block.conv1.weight.shape == (12, 8, 3, 3) and block.bn1.num_features == 12
     assert block.conv2.weight.shape == (16, 12, 3, 3) and block.downsample[0].weight.shape == (16, 8, 1, 1)
     with torch.no_grad():
-        assert pruned(data.example_batch()).shape == (8, 10)
+        assert pruned(torch.from_numpy(data.eval_set.example()["input"])).shape == (8, 10)
 
 
 def test_resnet18_dependencies_make_every_basic_block_first_conv_prunable():
     model = resnet18(num_classes=10).eval()
-    traced = channels.traced_with_shapes(model, torch.randn(2, 3, 32, 32))
+    traced = channels.traced_with_shapes(model, ModelIO.single(), {"input": torch.randn(2, 3, 32, 32)})
     groups, skipped = channels.ChannelDependencies(traced).groups()
     first_convs = [f"layers.{index}.conv1" for index in range(8)]
     assert [group.producer for group in groups] == first_convs
@@ -310,11 +314,12 @@ def test_pruned_weights_and_history_reload_with_weights_only(context, tmp_path, 
     first = next(cut for cut in history if cut["producer"] == "features.0.0")
     assert first["kept"] == strongest_channels(conv, 16).tolist() and first["batchnorms"] == ["features.0.1"]
     reloaded = output.product.load()
-    batch = data.eval_arrays[0][:16]
-    expected = TorchRunner(trained_cnn).predict(batch)  # unpruned: only the shapes must agree with it
-    assert TorchRunner(reloaded).predict(batch).shape == expected.shape
+    batch = feed_rows(data.eval_set.inputs, slice(0, 16))
+    expected = TorchRunner(trained_cnn, data.io).predict(batch)  # unpruned: only the shapes must agree with it
+    assert TorchRunner(reloaded, data.io).predict(batch).shape == expected.shape
     top1_after = output.metrics["top1_after_prune"]
-    assert top1(TorchRunner(reloaded).predict(data.eval_arrays[0]), data.eval_arrays[1]) == pytest.approx(top1_after)
+    predictions = TorchRunner(reloaded, data.io).predict(data.eval_set.inputs)
+    assert float((predictions.argmax(axis=1) == data.eval_set.targets).mean()) == pytest.approx(top1_after)
 
 
 def test_a_whole_module_input_stays_a_whole_module(context, tmp_path, trained_cnn):

@@ -18,6 +18,7 @@ from torch import fx, nn
 from pipeline.errors import StageError
 from pipeline.run.contract import StageContext, StageOutput
 from pipeline.torchkit.handles import TORCH_MODULE_FILE, TorchModel
+from pipeline.torchkit.model_io import Feeds, ModelIO
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_model
 from pipeline.zoo import digits_cnn, mlp
@@ -81,22 +82,24 @@ def run_case(quantized, case: str) -> tuple[StageOutput, nn.Module, Path]:
     return quantized(case, model_name, **params)
 
 
-def predictions(model: nn.Module, inputs: np.ndarray) -> np.ndarray:
-    return TorchRunner(model).predict(inputs).argmax(axis=1)
+def predictions(model: nn.Module, inputs: Feeds) -> np.ndarray:
+    return TorchRunner(model, ModelIO.single()).predict(inputs).argmax(axis=1)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_quantized_model_agrees_with_fp32_and_reloads_from_its_file(quantized, data, case):
     output, model, workdir = run_case(quantized, case)
     metrics = output.metrics
-    assert metrics["mode"] == CASES[case][1]["mode"] and metrics["eval_samples"] == len(data.eval_arrays[1])
+    assert metrics["mode"] == CASES[case][1]["mode"] and metrics["eval_samples"] == len(data.eval_set.targets)
     assert metrics["agreement"] >= MIN_AGREEMENT
     assert abs(metrics["top1"] - metrics["top1_fp32"]) <= 0.03 and metrics["top1_fp32"] >= 0.9
     assert output.product.path == workdir / TORCH_MODULE_FILE
     assert sorted(path.name for path in workdir.iterdir()) == [TORCH_MODULE_FILE]
     assert metrics["size_after_bytes"] == output.product.path.stat().st_size
     assert metrics["size_ratio"] == pytest.approx(metrics["size_before_bytes"] / metrics["size_after_bytes"])
-    inputs = data.eval_arrays[0]
+    assert metrics["metric"] == "top1" and metrics["value"] == metrics["top1"] and metrics["value_fp32"] == metrics["top1_fp32"]
+    assert metrics["fp32_layers"] == {}
+    inputs = data.eval_set.inputs
     reloaded = TorchModel(output.product.path, output.product.meta).load()
     agreement = float((predictions(reloaded, inputs) == predictions(model, inputs)).mean())
     assert agreement == pytest.approx(metrics["agreement"])  # the metrics describe the saved file
@@ -148,25 +151,26 @@ def test_cast_keeps_every_weight_in_the_new_dtype_at_half_the_size(quantized, ca
 
 def test_artifacts_reload_and_predict_the_same_in_a_fresh_process(quantized, data, tmp_path):
     paths = {case: run_case(quantized, case)[0].product.path for case in ("dynamic", "static", "qat", "bf16")}
-    inputs = data.eval_arrays[0][:64]
+    inputs = data.eval_set.inputs["input"][:64]
     np.save(tmp_path / "inputs.npy", inputs)
     script = textwrap.dedent(
         """
         import sys, numpy as np
         from pathlib import Path
         from pipeline.torchkit.handles import TorchModel
+        from pipeline.torchkit.model_io import ModelIO
         from pipeline.torchkit.runners import TorchRunner
         assert "stages.quantize" not in sys.modules
-        inputs = np.load(sys.argv[1])
+        inputs = {"input": np.load(sys.argv[1])}
         for path in sys.argv[2:]:
-            np.save(Path(path).with_suffix(".npy"), TorchRunner(TorchModel(Path(path)).load()).predict(inputs))
+            np.save(Path(path).with_suffix(".npy"), TorchRunner(TorchModel(Path(path)).load(), ModelIO.single()).predict(inputs))
         """
     )
     command = [sys.executable, "-c", script, str(tmp_path / "inputs.npy"), *map(str, paths.values())]
     finished = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-2000:]
     for case, path in paths.items():
-        expected = TorchRunner(TorchModel(path).load()).predict(inputs)
+        expected = TorchRunner(TorchModel(path).load(), ModelIO.single()).predict({"input": inputs})
         np.testing.assert_allclose(np.load(path.with_suffix(".npy")), expected, atol=1e-6, err_msg=case)
 
 
@@ -205,7 +209,7 @@ class Branchy(nn.Module):
 
 
 def test_dynamic_on_a_conv_only_model_names_the_supported_layers_and_static(context, tmp_path):
-    message = r"mode dynamic quantizes only Linear/LSTM/GRU layers and the model has none \(its layers: Conv2d\); use mode: static"
+    message = r"mode dynamic quantizes only Linear/LSTM/GRU/MultiheadAttention layers and the model has none \(its layers: Conv2d\); use mode: static"
     with pytest.raises(StageError, match=message):
         quantize.run(context("conv-only"), {"input": as_input(ConvOnly(), tmp_path)}, quantize.Params(mode="dynamic"))
 

@@ -50,7 +50,7 @@ def quantize(context, fp32_onnx: OnnxModel, **params):
 
 def assert_agrees_with_fp32(path: Path, fp32_onnx: OnnxModel, data, min_agreement: float = MIN_AGREEMENT) -> None:
     """Recompute the agreement on the eval split here, independently of the stage's own figures."""
-    eval_inputs, _ = data.eval_arrays
+    eval_inputs = data.eval_set.inputs
     reference = OnnxRunner(fp32_onnx.path).predict(eval_inputs).argmax(1)
     quantized = OnnxRunner(path).predict(eval_inputs).argmax(1)
     assert (quantized == reference).mean() >= min_agreement
@@ -72,8 +72,10 @@ def test_static_qdq_default_is_small_and_agrees_with_fp32(context, fp32_onnx, da
     assert metrics["bytes_after"] == output.product.path.stat().st_size == output.product.size_bytes
     assert metrics["size_ratio"] == pytest.approx(fp32_onnx.size_bytes / metrics["bytes_after"])
     assert metrics["size_ratio"] >= MIN_SIZE_RATIO
-    assert metrics["agreement"] >= MIN_AGREEMENT and metrics["eval_samples"] == len(data.eval_arrays[1])
+    assert metrics["agreement"] >= MIN_AGREEMENT and metrics["eval_samples"] == len(data.eval_set.targets)
     assert metrics["top1_quantized"] >= metrics["top1_input"] - 0.02 and metrics["top1_input"] > 0.8
+    assert (metrics["metric"], metrics["value_input"], metrics["value_quantized"]) == ("top1", metrics["top1_input"], metrics["top1_quantized"])
+    assert set(metrics["figures"]) == {"top1", "top5"} and metrics["relative_error"] < 0.2
     assert_agrees_with_fp32(output.product.path, fp32_onnx, data)
 
 
@@ -112,12 +114,12 @@ def test_agreement_under_min_agreement_fails_with_figures_and_advice(context, fp
     class ShuffledRunner(OnnxRunner):
         """Predicts the logits of the next input row: a broken model that still runs."""
 
-        def predict(self, inputs: np.ndarray) -> np.ndarray:
-            return np.roll(super().predict(inputs), 1, axis=0)
+        def predict(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return np.roll(super().predict(feeds), 1, axis=0)
 
     fp32_runner = quantize_onnx.OnnxRunner
     monkeypatch.setattr(quantize_onnx, "OnnxRunner", lambda path: fp32_runner(path) if path == fp32_onnx.path else ShuffledRunner(path))
-    with pytest.raises(StageError, match=r"on only \d+\.\d% of \d+ eval inputs \(min_agreement 90%; top-1 .*calibrate_method: percentile"):
+    with pytest.raises(StageError, match=r"agrees with the input model on only \d+\.\d% of the decisions on \d+ eval inputs \(min_agreement 90%; top1 \d.*% -> .*calibrate_method: percentile"):
         quantize(context, fp32_onnx, calibration_batches=2)
 
 

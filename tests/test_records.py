@@ -21,7 +21,7 @@ from pipeline.records.schemas import records_json_schema
 from pipeline.records.store import ArtifactStore
 from pipeline.records.variants import read_variants
 from pipeline.review.compare import compare_runs
-from pipeline.torchkit.evaluate import compare_logits
+from pipeline.torchkit.tasks import Scoring
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABELS = np.array([0, 1, 1, 0, 1, 0])  # class 2 never occurs: its per-class figures are null
@@ -30,7 +30,7 @@ LABELS = np.array([0, 1, 1, 0, 1, 0])  # class 2 never occurs: its per-class fig
 def figures(logits: np.ndarray, kind: str = "onnx", size_bytes: int = 1000) -> ModelValidation:
     """Validation figures of ``logits`` against the fixed baseline logits, as validate computes them."""
     baseline = np.eye(3)[LABELS] * 2.0
-    return ModelValidation(**compare_logits(baseline, logits, LABELS), kind=kind, size_bytes=size_bytes)
+    return ModelValidation(**Scoring.for_task("classification").compare(baseline, logits, LABELS), kind=kind, size_bytes=size_bytes)
 
 
 def validation_report(top1_loss: int = 0) -> ValidationReport:
@@ -70,11 +70,11 @@ def run_record(run_id: str, top1_loss: int = 0) -> dict:
                                   "started_at": "2026-01-01T00:00:00+00:00", "stages": stages}))
 
 
-def rename_top1(record: dict) -> dict:
-    """``record`` as if validate had renamed ``top1`` to ``top_1``."""
+def rename_value(record: dict) -> dict:
+    """``record`` as if validate had renamed the metric's ``value`` to ``metric_value``."""
     renamed = copy.deepcopy(record)
     variant = renamed["stages"][2]["metrics"]["variants"]["int8"]
-    variant["top_1"] = variant.pop("top1")
+    variant["metric_value"] = variant.pop("value")
     return renamed
 
 
@@ -87,7 +87,7 @@ def rename_p50(record: dict) -> dict:
 
 
 @pytest.mark.parametrize(("rename", "stage", "field"), [
-    (rename_top1, "stage 'check' (validate): metrics do not match the validation report", "variants.int8.top1: field required"),
+    (rename_value, "stage 'check' (validate): metrics do not match the validation report", "variants.int8.value: field required"),
     (rename_p50, "stage 'bench' (benchmark): metrics do not match the benchmark report", "variants.int8.batches.1.p50_ms: field required"),
 ])
 def test_a_renamed_figure_is_an_error_naming_the_stage_and_field(rename, stage, field):
@@ -97,13 +97,13 @@ def test_a_renamed_figure_is_an_error_naming_the_stage_and_field(rename, stage, 
     assert str(raised.value) == f"run night-2: {stage}: {field}"
 
 
-def test_a_renamed_top1_fails_the_comparison_and_the_nightly_verdict_instead_of_passing():
+def test_a_renamed_value_fails_the_comparison_and_the_nightly_verdict_instead_of_passing():
     reference, tonight = run_record("night-1"), run_record("night-2", top1_loss=2)
     assert judge(tonight, reference, RegressionSpec())["regressions"][0].startswith("int8: top-1 dropped 33.33 points")
-    with pytest.raises(StoreError, match=r"run night-2: stage 'check' \(validate\).*variants\.int8\.top1: field required"):
-        compare_runs(reference, rename_top1(tonight), max_accuracy_drop=0.005)
-    with pytest.raises(StoreError, match=r"run night-2: stage 'check' \(validate\).*variants\.int8\.top1: field required"):
-        judge(rename_top1(tonight), reference, RegressionSpec())
+    with pytest.raises(StoreError, match=r"run night-2: stage 'check' \(validate\).*variants\.int8\.value: field required"):
+        compare_runs(reference, rename_value(tonight), max_drop=0.005)
+    with pytest.raises(StoreError, match=r"run night-2: stage 'check' \(validate\).*variants\.int8\.value: field required"):
+        judge(rename_value(tonight), reference, RegressionSpec())
 
 
 def test_a_validation_report_of_real_figures_dumps_and_parses_to_the_same_values():
@@ -145,7 +145,7 @@ def test_records_json_schema_has_every_model_as_an_object_with_properties():
     assert set(schemas) == {"Manifest", "RunRecord", "StageResult", "ValidationReport", "BenchmarkReport", "NightlyState"}
     for name, schema in schemas.items():
         assert schema["type"] == "object" and schema["properties"], name
-    assert "top1" in schemas["ValidationReport"]["$defs"]["VariantValidation"]["required"]
+    assert {"metric", "value", "delta"} <= set(schemas["ValidationReport"]["$defs"]["VariantValidation"]["required"])
     json.dumps(schemas)
 
 

@@ -59,7 +59,7 @@ def test_page_shows_stage_figures_versions_threads_and_budget_line(record):
     page = html_report(record)
     assert "fused pairs: " in page and "opset: 18" in page
     assert "<th>torch</th>" in page and "<th>threads</th>" in page
-    assert 'id="accuracy-budget"' in page, "the validate stage's max_accuracy_drop as a line on the plot"
+    assert 'id="accuracy-budget"' in page, "the validate stage's max_drop as a line on the plot"
     labels = re.findall(r'<g id="label-([a-z_]+)">', page)
     assert sorted(labels) == sorted(variant.name for variant in read_variants(record))
 

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff = add("diff", review_commands.command_diff, "compare two runs: identical artifacts, changed parameters, accuracy/latency/size deltas")
     diff.add_argument("run_a", help="run id, unique prefix, or 'latest'")
     diff.add_argument("run_b")
-    diff.add_argument("--max-accuracy-drop", type=float, default=0.0, help="top-1 drop (fraction) flagged as a regression")
+    diff.add_argument("--max-drop", "--max-accuracy-drop", dest="max_drop", type=float, default=0.0,
+                      help="loss of the recipe's metric flagged as a regression, in its units (top-1 as a fraction: 0.01 = 1 point)")
     diff.add_argument("--max-latency-increase", type=float, default=None, help="latency growth (fraction) flagged as a regression")
     diff.add_argument(
         "--latency-basis", choices=["baseline", "absolute"], default="baseline",

@@ -52,7 +52,7 @@ def command_diff(args: argparse.Namespace) -> int:
     store = open_store(args)
     comparison = compare_runs(
         store.resolve_run(args.run_a), store.resolve_run(args.run_b),
-        max_accuracy_drop=args.max_accuracy_drop, max_latency_increase=args.max_latency_increase,
+        max_drop=args.max_drop, max_latency_increase=args.max_latency_increase,
         latency_basis=args.latency_basis,
     )
     if args.json:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.cli.common import EXIT_INTERRUPTED, console, finish_run, open_store, print_json, store_root
 from pipeline.cli.live import live_run_view, live_view_wanted
-from pipeline.errors import CheckpointError, OptipipeError
+from pipeline.errors import OptipipeError
 
 STATE_LABELS = {True: "[cyan]cached[/]", False: "[yellow]will run[/]"}
 
@@ -84,17 +84,9 @@ def check_checkpoint_fits(plan: Any, checkpoint_path: Path) -> None:
     ``CheckpointError`` (or ``RecipeError`` for the factory) when they do not fit."""
     from stages import load_checkpoint
 
-    spec = plan.recipe.model
     loads = [name for name in plan.order if plan.recipe.stages[name].uses == "load_checkpoint"]
     params = plan.params[loads[0]] if loads else load_checkpoint.Params()
-    model_state = load_checkpoint.build_model(spec).state_dict()
-    try:
-        file_format, loaded = load_checkpoint.read_checkpoint(checkpoint_path, params)
-    except OSError as error:
-        raise CheckpointError(f"{checkpoint_path} cannot be read: {error.strerror or error}") from None
-    _, state_dict, _ = load_checkpoint.extract_weights(checkpoint_path, file_format, loaded)
-    state_dict, _ = load_checkpoint.strip_wrapper_prefix(state_dict, set(model_state))
-    load_checkpoint.compare_keys(checkpoint_path, spec, state_dict, model_state, params.strict)
+    load_checkpoint.fit_checkpoint(checkpoint_path, plan.recipe.model, params)
 
 
 def plan_tree(plan: Any, cached: dict[str, Any] | None) -> Any:
@@ -117,7 +109,7 @@ def command_plan(args: argparse.Namespace) -> int:
     """optipipe plan RECIPE [--checkpoint CKPT]: the DAG, what is cached and what will run, and whether the
     checkpoint fits the model; before any Prefect start-up."""
     from pipeline.recipe import load_recipe
-    from pipeline.records.files import sha256_file
+    from pipeline.run.checkpoint_snapshot import checkpoint_digest
     from pipeline.run.engine import check_checkpoint_file
     from pipeline.run.executor import cached_artifacts
 
@@ -127,7 +119,7 @@ def command_plan(args: argparse.Namespace) -> int:
         checkpoint_path = Path(args.checkpoint)
         check_checkpoint_file(checkpoint_path)
         check_checkpoint_fits(plan, checkpoint_path)
-        cached = cached_artifacts(plan, open_store(args), sha256_file(checkpoint_path))
+        cached = cached_artifacts(plan, open_store(args), checkpoint_digest(checkpoint_path))
     console.print(plan_tree(plan, cached))
     if cached is None:
         console.print("no --checkpoint: the cache was not checked")

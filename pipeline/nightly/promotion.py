@@ -103,12 +103,13 @@ def read_state(store: ArtifactStore, recipe_name: str) -> dict[str, Any]:
 
 
 def judge(record: dict[str, Any], reference: dict[str, Any] | None, regression: Any) -> dict[str, Any]:
-    """Compare tonight's run record with the last good nightly run's, under the recipe's regression limits."""
+    """Compare tonight's run record with the last good nightly run's, under the recipe's regression limits (``max_drop``
+    of the recipe's metric in its direction, latency growth)."""
     if reference is None:
         return {"reference_run": None, "regressions": [], "comparison": None}
     comparison = compare_runs(
         reference, record,
-        max_accuracy_drop=regression.max_accuracy_drop, max_latency_increase=regression.max_latency_increase,
+        max_drop=regression.max_drop, max_latency_increase=regression.max_latency_increase,
         latency_basis=regression.latency_basis,
     )
     return {"reference_run": reference["run_id"], "regressions": comparison["regressions"], "comparison": comparison}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 STAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
@@ -194,9 +194,11 @@ class MetricSpec(StrictModel):
 class RegressionSpec(StrictModel):
     """When a nightly result counts as worse than the last good one (``optipipe diff`` applies the same rules)."""
 
-    max_accuracy_drop: float = Field(
-        default=0.005, ge=0.0, le=1.0,
-        description="largest top-1 drop (fraction: 0.005 = half a point) a variant may show vs the last good nightly run",
+    max_drop: float = Field(
+        default=0.005, ge=0.0, validation_alias=AliasChoices("max_drop", "max_accuracy_drop"),
+        description="largest loss of the recipe's metric a variant may show vs the last good nightly run, in the metric's "
+        "units and direction (top-1 as a fraction: 0.005 = half a point; an MSE rise in squared target units); "
+        "max_accuracy_drop is the older name",
     )
     max_latency_increase: float | None = Field(
         default=0.5, ge=0.0,

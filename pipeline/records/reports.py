@@ -111,5 +111,8 @@ class BenchmarkReport(Record):
     min_iterations: int = Field(description="fewest timed calls per model and batch size")
     min_seconds: float = Field(description="least time spent timing each model and batch size")
     rounds: int = Field(description="interleaved timing passes over every model")
+    input_shapes: dict[str, dict[str, list[int]]] | None = Field(
+        default=None, description="batch size (as a string) -> input name -> the shape every model was timed on (older reports: none)"
+    )
     baseline: BenchmarkEntry = Field(description="the FP32 baseline, timed alongside the variants")
     variants: dict[str, BenchmarkEntry] = Field(description="input stage name -> its figures")

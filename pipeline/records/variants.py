@@ -1,7 +1,7 @@
 """The one reader of a run's variants: every validate and benchmark report of a run record, parsed and joined.
 
 Tables, run-to-run diffs, review pages and the nightly verdict all read variants here, so a report whose
-figures do not match ``pipeline.records.reports`` (a renamed ``top1``) raises ``StoreError`` naming the
+figures do not match ``pipeline.records.reports`` (a renamed ``value``) raises ``StoreError`` naming the
 run, the stage and the field, instead of reading as "no figures" and passing. Only a record's run id and
 stages are read. Torch-free.
 """

@@ -56,13 +56,17 @@ def artifact_links(stage: dict[str, Any], page_dir: Path | None) -> list[tuple[s
     return links
 
 
-def accuracy_budget(record: dict[str, Any]) -> float | None:
-    """The largest top-1 drop the run's first finished validate stage accepts (its manifest's ``max_accuracy_drop``)."""
+BUDGET_PARAMS = ("max_drop", "max_accuracy_drop")  # the validate stage's budget, by its name and its older one
+
+
+def metric_budget(record: dict[str, Any]) -> float | None:
+    """The largest drop of the recipe's metric the run's first finished validate stage accepts, in the metric's
+    units (its manifest's ``max_drop``, or ``max_accuracy_drop`` in manifests written before the rename)."""
     for stage in record.get("stages", []):
         if stage.get("uses") == "validate" and stage.get("state") in ("done", "cached"):
-            manifest = read_manifest(stage) or {}
-            budget = (manifest.get("params") or {}).get("max_accuracy_drop")
-            if isinstance(budget, (int, float)):
+            params = (read_manifest(stage) or {}).get("params") or {}
+            budget = next((params[name] for name in BUDGET_PARAMS if isinstance(params.get(name), (int, float))), None)
+            if budget is not None:
                 return float(budget)
     return None
 

@@ -2,7 +2,7 @@
 
 Built only from run records (DESIGN.md "Contracts scripts rely on") and the artifact manifests
 they point to; no model is loaded. Stages and variants are matched by name, so two runs of
-different recipes can be compared. Accuracy comes from ``validate`` stages, latency (batch 1
+different recipes can be compared. The metric (the recipe's: top-1, MSE, F1, ...) comes from ``validate`` stages, latency (batch 1
 median) from ``benchmark`` stages, both read through ``pipeline.records.variants``: a report that does
 not match its declared shape raises ``StoreError`` instead of comparing nothing.
 
@@ -22,7 +22,7 @@ from typing import Any, Literal
 from rich.table import Table
 
 from pipeline.records.variants import Variant, read_variants
-from pipeline.review.units import format_bytes
+from pipeline.review.units import format_amount, format_bytes, format_delta, format_figure, is_fraction, metric_label
 
 LATENCY_BATCH = "1"
 LatencyBasis = Literal["baseline", "absolute"]
@@ -87,8 +87,12 @@ def _validated(record: dict[str, Any]) -> dict[str, Variant]:
 class Side:
     """One run's figures of a variant in a comparison; all None where that run did not validate (or time) it."""
 
+    metric: str | None = None
+    higher_is_better: bool = True
+    value: float | None = None
     top1: float | None = None
     agreement: float | None = None
+    relative_error: float | None = None
     status: str | None = None
     size_bytes: int | None = None
     latency_ms: float | None = None
@@ -96,8 +100,8 @@ class Side:
 
     @classmethod
     def of(cls, variant: Variant | None) -> Side:
-        """The figures of ``variant``: batch-1 p50 latency in ms, and as a fraction of the baseline's p50 timed in the
-        same stage (the inverse of the stage's own ``speedup_vs_baseline``) when batch 1 was timed."""
+        """The figures of ``variant``: its metric, batch-1 p50 latency in ms, and as a fraction of the baseline's p50
+        timed in the same stage (the inverse of the stage's own ``speedup_vs_baseline``) when batch 1 was timed."""
         if variant is None:
             return cls()
         figures, timing = variant.validation, variant.benchmark
@@ -105,9 +109,28 @@ class Side:
         speedup = timing.speedup_vs_baseline.get(LATENCY_BATCH) if timing else None
         timed = batch is not None and bool(speedup)
         return cls(
-            top1=figures.top1, agreement=figures.agreement, status=variant.status, size_bytes=figures.size_bytes,
+            metric=figures.metric, higher_is_better=figures.higher_is_better, value=figures.value, top1=figures.top1,
+            agreement=figures.agreement, relative_error=figures.relative_error, status=variant.status, size_bytes=figures.size_bytes,
             latency_ms=batch.p50_ms if timed else None, latency_vs_baseline=1 / speedup if timed else None,
         )
+
+
+def metric_change(a: Side, b: Side) -> float | None:
+    """B's metric minus A's, when both runs measured the same metric."""
+    return b.value - a.value if a.value is not None and b.value is not None and a.metric == b.metric else None
+
+
+def _metric_drop(a: Side, b: Side, limit: float) -> str | None:
+    """The regression line when B's metric is worse than A's by more than ``limit`` in the metric's direction, else None."""
+    change = metric_change(a, b)
+    if change is None:
+        return None
+    drop = -change if b.higher_is_better else change
+    if drop <= limit + 1e-12:
+        return None
+    points = " points" if is_fraction(b.metric) else ""
+    return (f"{metric_label(b.metric)} {'dropped' if b.higher_is_better else 'rose'} {format_amount(b.metric, drop)}{points} "
+            f"({format_figure(b.metric, a.value)} -> {format_figure(b.metric, b.value)}), allowed {format_amount(b.metric, limit)}")
 
 
 def _latency_growth(a: Side, b: Side, basis: LatencyBasis, limit: float) -> str | None:
@@ -130,7 +153,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def compare_runs(
     record_a: dict[str, Any],
     record_b: dict[str, Any],
-    max_accuracy_drop: float = 0.0,
+    max_drop: float = 0.0,
     max_latency_increase: float | None = None,
     latency_basis: LatencyBasis = "baseline",
 ) -> dict[str, Any]:
@@ -140,7 +163,8 @@ def compare_runs(
     for a stage one run lacks, with no params compared, and ``params_changed`` holds only params both
     manifests record with different values), ``variants`` (from
     validate / benchmark metrics) and ``regressions`` (one line each). A variant regresses when its
-    top-1 dropped by more than ``max_accuracy_drop`` (fraction), its batch-1 latency grew by more
+    metric (the recipe's: top-1, MSE, ...) got worse by more than ``max_drop`` in the metric's units and
+    direction (a top-1 that fell, an MSE that rose), its batch-1 latency grew by more
     than ``max_latency_increase`` (fraction, on ``latency_basis``; only when both are known and the
     limit is set), or it was accepted in A and rejected in B.
     """
@@ -153,12 +177,8 @@ def compare_runs(
     variants, regressions = [], []
     for name in variant_names:
         a, b = Side.of(valid_a.get(name)), Side.of(valid_b.get(name))
-        reasons: list[str] = []
-        if a.top1 is not None and b.top1 is not None and a.top1 - b.top1 > max_accuracy_drop + 1e-12:
-            reasons.append(
-                f"top-1 dropped {(a.top1 - b.top1) * 100:.2f} points ({a.top1:.2%} -> {b.top1:.2%}), "
-                f"allowed {max_accuracy_drop * 100:.2f}"
-            )
+        dropped = _metric_drop(a, b, max_drop)
+        reasons: list[str] = [dropped] if dropped else []
         if max_latency_increase is not None:
             grew = _latency_growth(a, b, latency_basis, max_latency_increase)
             reasons += [grew] if grew else []
@@ -167,11 +187,18 @@ def compare_runs(
         regressions += [f"{name}: {reason}" for reason in reasons]
         variants.append({
             "variant": name,
+            "metric": b.metric or a.metric,
+            "higher_is_better": b.higher_is_better if b.metric else a.higher_is_better,
+            "value_a": a.value,
+            "value_b": b.value,
+            "delta": metric_change(a, b),
             "top1_a": a.top1,
             "top1_b": b.top1,
             "delta_top1": b.top1 - a.top1 if a.top1 is not None and b.top1 is not None else None,
             "agreement_a": a.agreement,
             "agreement_b": b.agreement,
+            "relative_error_a": a.relative_error,
+            "relative_error_b": b.relative_error,
             "status_a": a.status,
             "status_b": b.status,
             "size_a": a.size_bytes,
@@ -215,19 +242,20 @@ def comparison_tables(comparison: dict[str, Any]) -> list[Table]:
         )
 
     variants = Table(title=f"variants · {title}")
-    headers = ("variant", "top-1 A", "top-1 B", "Δ top-1", "agreement", "size A → B", "p50 ms @1 A → B",
-               "× FP32 time A → B", "regression")
+    rows = comparison["variants"]
+    label = metric_label(rows[0]["metric"]) if rows else "top-1"
+    agreement = any(row["agreement_a"] is not None or row["agreement_b"] is not None for row in rows)
+    headers = ("variant", f"{label} A", f"{label} B", f"Δ {label}", "agreement" if agreement else "rel. error", "size A → B",
+               "p50 ms @1 A → B", "× FP32 time A → B", "regression")
     for header in headers:
         variants.add_column(header, justify="left" if header in ("variant", "regression") else "right", overflow="fold")
     pct = lambda value: f"{value:.2%}"  # noqa: E731
-    for row in comparison["variants"]:
-        delta = row["delta_top1"]
+    for row in rows:
+        closeness = (_pair(row["agreement_a"], row["agreement_b"], pct) if agreement else
+                     _pair(row["relative_error_a"], row["relative_error_b"], lambda value: f"{value:.3g}"))
         variants.add_row(
-            row["variant"],
-            "-" if row["top1_a"] is None else pct(row["top1_a"]),
-            "-" if row["top1_b"] is None else pct(row["top1_b"]),
-            "-" if delta is None else f"{delta * 100:+.2f} pt",
-            _pair(row["agreement_a"], row["agreement_b"], pct),
+            row["variant"], format_figure(row["metric"], row["value_a"]), format_figure(row["metric"], row["value_b"]),
+            format_delta(row["metric"], row["delta"]), closeness,
             _pair(row["size_a"], row["size_b"], format_bytes),
             _pair(row["latency_ms_a"], row["latency_ms_b"], lambda value: f"{value:.3f}"),
             _pair(row["latency_vs_baseline_a"], row["latency_vs_baseline_b"], lambda value: f"{value:.3f}"),

@@ -1,8 +1,8 @@
 """One run as a review page: a self-contained HTML report with plots, and Markdown for PR comments.
 
 Both are built only from the run record (``<store>/runs/<run_id>.json``): the stage DAG with each
-stage's state and time, the variants table, accuracy vs latency with the Pareto front, sizes, and the
-per-class accuracy changes against the FP32 baseline.
+stage's state and time, the variants table, the recipe's metric (top-1, MSE, ...) vs latency with the Pareto
+front, sizes, and for classification the per-class accuracy changes against the FP32 baseline.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 
 from pipeline.records.variants import read_variants
 from pipeline.review import plots
-from pipeline.review.artifacts import accuracy_budget, artifact_links, library_versions, machine_facts, reports_dir
+from pipeline.review.artifacts import artifact_links, library_versions, machine_facts, metric_budget, reports_dir
 from pipeline.review.stage_facts import stage_highlights
-from pipeline.review.tables import variant_rows
-from pipeline.review.units import format_bytes
+from pipeline.review.tables import metric_cells, metric_headers, run_metric, variant_rows
+from pipeline.review.units import format_bytes, metric_label, metric_title
 
 PAGE_STYLE = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2rem auto; padding: 0 1.5rem; max-width: 1100px; color: #212121; }
@@ -43,24 +43,25 @@ def class_deltas(record: dict[str, Any]) -> tuple[list[str], list[list[float | N
 
 
 def pareto_variants(rows: list[dict[str, Any]]) -> list[str]:
-    """Names of the timed variants on the accuracy/latency Pareto front, fastest first."""
+    """Names of the timed variants on the metric/latency Pareto front (in the metric's direction), fastest first."""
     timed = [row for row in rows if row["latency_p50_ms"] is not None]
-    front = plots.pareto_front([(row["latency_p50_ms"], row["top1"]) for row in timed])
+    if not timed:
+        return []
+    front = plots.pareto_front([(row["latency_p50_ms"], row["value"]) for row in timed], higher_is_better=timed[0]["higher_is_better"])
     return [timed[index]["variant"] for index in front]
 
 
 def _variant_cells(row: dict[str, Any]) -> list[str]:
     timed = row["latency_p50_ms"] is not None
     return [
-        row["variant"], row["kind"], f"{row['top1']:.2%}", f"{row['delta_top1'] * 100:+.2f} pt", f"{row['agreement']:.2%}",
-        format_bytes(row["size_bytes"]), f"{row['latency_p50_ms']:.3f}" if timed else "-",
-        f"{row['speedup_vs_baseline']:.2f}×" if timed else "-", row["status"],
+        row["variant"], row["kind"], *metric_cells(row), format_bytes(row["size_bytes"]),
+        f"{row['latency_p50_ms']:.3f}" if timed else "-", f"{row['speedup_vs_baseline']:.2f}×" if timed else "-", row["status"],
     ]
 
 
 def _variant_headers(rows: list[dict[str, Any]]) -> list[str]:
     batch = timed_batch(rows)
-    return ["variant", "kind", "top-1", "Δ top-1", "agreement", "size", f"p50 ms @{batch}" if batch else "p50 ms", "speed-up", "status"]
+    return ["variant", "kind", *metric_headers(rows), "size", f"p50 ms @{batch}" if batch else "p50 ms", "speed-up", "status"]
 
 
 def _stage_detail(stage: dict[str, Any]) -> str:
@@ -173,16 +174,18 @@ def _header_lines(record: dict[str, Any]) -> tuple[str, str]:
 
 
 def _variant_sections(record: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """The variants table, every batch size's timings, accuracy vs latency, sizes and per-class changes."""
+    """The variants table, every batch size's timings, the metric vs latency, sizes and (classification) per-class changes."""
     sections = [_html_table(_variant_headers(rows), [_variant_cells(row) for row in rows], [row["status"] for row in rows])]
+    metric = run_metric(rows)
     batch = timed_batch(rows)
     if not batch:
-        sections.append("<p class='note'>No benchmark stage in this run: add one to plot accuracy against latency.</p>")
+        plotted = html.escape(metric_label(metric))
+        sections.append(f"<p class='note'>No benchmark stage in this run: add one to plot {plotted} against latency.</p>")
     else:
         front = pareto_variants(rows)
         sections += [
             "<h2>Timings at every batch size</h2>", timings_table_html(record),
-            "<h2>Accuracy vs latency</h2>", plots.accuracy_latency_svg(rows, batch, accuracy_budget(record)),
+            f"<h2>{html.escape(metric_title(metric))} vs latency</h2>", plots.accuracy_latency_svg(rows, batch, metric_budget(record)),
             f"<p>Pareto front (fastest first): <strong>{html.escape(' → '.join(front))}</strong></p>",
         ]
     sections += ["<h2>Size on disk</h2>", plots.size_bars_svg(rows)]
@@ -248,7 +251,7 @@ def markdown_summary(record: dict[str, Any]) -> str:
         parts.append(_markdown_table(_variant_headers(rows), [_variant_cells(row) for row in rows]))
         front = pareto_variants(rows)
         if front:
-            parts.append(f"Pareto front (accuracy vs latency, fastest first): **{' → '.join(front)}**")
+            parts.append(f"Pareto front ({metric_label(run_metric(rows))} vs latency, fastest first): **{' → '.join(front)}**")
     return "\n\n".join(parts) + "\n"
 
 

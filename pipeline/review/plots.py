@@ -23,6 +23,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 from pipeline.review.dag import dag_figure, dag_levels  # noqa: E402,F401 (dag_levels: part of this module's interface)
 from pipeline.review.labels import place_labels  # noqa: E402
+from pipeline.review.units import is_fraction, metric_label, metric_title, plot_scale  # noqa: E402
 
 STATE_COLORS = {
     "done": "#2e7d32", "cached": "#00838f", "failed": "#c62828", "rejected": "#c62828",
@@ -42,13 +43,16 @@ def svg_element(figure: Figure, element_id: str) -> str:
     return re.sub(r"<svg\b", f'<svg id="{element_id}" role="img"', text, count=1)
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats: none is both as fast (lower x) and as accurate (higher y)."""
+def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """Indices of the (latency, metric) points no other point beats, fastest first: none is both as fast (lower x)
+    and as good (higher y, or lower y for a lower-is-better metric such as MSE)."""
+    sign = 1.0 if higher_is_better else -1.0
+    scored = [(latency, sign * value) for latency, value in points]
     front = []
-    for index, (latency, accuracy) in enumerate(points):
+    for index, (latency, score) in enumerate(scored):
         dominated = any(
-            other_latency <= latency and other_accuracy >= accuracy and (other_latency, other_accuracy) != (latency, accuracy)
-            for other_latency, other_accuracy in points
+            other_latency <= latency and other_score >= score and (other_latency, other_score) != (latency, score)
+            for other_latency, other_score in scored
         )
         if not dominated:
             front.append(index)
@@ -89,12 +93,15 @@ def _label_points(axes: Any, figure: Figure, names: list[str], points: list[tupl
                       fontsize=9, arrowprops=arrow, gid=f"label-{name}")
 
 
-def _budget_line(axes: Any, baseline_top1: float, budget: float) -> float:
-    """The lowest top-1 the validate stage accepts, drawn across the plot; returns that top-1 (%)."""
-    floor = (baseline_top1 - budget) * 100
-    axes.axhline(floor, color=REJECTED_COLOR, linestyle=":", linewidth=1.5, zorder=1, gid="accuracy-budget",
-                 label=f"accuracy budget (−{budget * 100:.2g} pt vs FP32)")
-    return floor
+def _budget_line(axes: Any, metric: str, higher_is_better: bool, baseline_value: float, budget: float) -> float:
+    """The worst value of the metric the validate stage accepts (baseline - budget, or + budget for a lower-is-better
+    metric), drawn across the plot; returns it in the plot's units."""
+    scale = plot_scale(metric)
+    limit = (baseline_value - budget if higher_is_better else baseline_value + budget) * scale
+    shown = f"{budget * scale:.2g} pt" if is_fraction(metric) else f"{budget:.4g}"
+    axes.axhline(limit, color=REJECTED_COLOR, linestyle=":", linewidth=1.5, zorder=1, gid="accuracy-budget",
+                 label=f"{metric_label(metric)} budget ({'−' if higher_is_better else '+'}{shown} vs FP32)")
+    return limit
 
 
 def _legend_handles(rows: list[dict[str, Any]]) -> list[Line2D]:
@@ -107,28 +114,42 @@ def _legend_handles(rows: list[dict[str, Any]]) -> list[Line2D]:
     return handles
 
 
+def _metric_axis(axes: Any, metric: str, higher_is_better: bool, values: list[float]) -> None:
+    """The y axis of the metric: its name, unit and better direction, with a margin round ``values`` (never past 100%)."""
+    margin = (max(values) - min(values)) * 0.15
+    if is_fraction(metric):
+        margin = max(0.5, margin)
+        axes.set_ylim(min(values) - margin, min(100.0 + margin / 2, max(values) + margin))
+    else:
+        margin = margin or max(abs(max(values)) * 0.05, 1e-6)
+        axes.set_ylim(min(values) - margin, max(values) + margin)
+    direction = "higher is better" if higher_is_better else "lower is better"
+    axes.set_ylabel(f"{metric_label(metric)} (%; {direction})" if is_fraction(metric) else f"{metric_label(metric)} ({direction})")
+
+
 def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int, budget: float | None = None) -> str:
-    """Top-1 against median latency at ``batch`` for every timed variant: colour by kind, the Pareto front joined
-    and ringed, and the validate stage's accuracy budget (``max_accuracy_drop``) as a dotted line when known."""
+    """The run's metric against median latency at ``batch`` for every timed variant: colour by kind, the Pareto front
+    (in the metric's direction) joined and ringed, and the validate stage's budget (``max_drop``, in the metric's
+    units) as a dotted line when known."""
     timed = [row for row in rows if row["latency_p50_ms"] is not None]
-    points = [(row["latency_p50_ms"], row["top1"] * 100) for row in timed]
-    front = pareto_front(points)
+    metric, higher_is_better = timed[0]["metric"], timed[0]["higher_is_better"]
+    points = [(row["latency_p50_ms"], row["value"] * plot_scale(metric)) for row in timed]
+    front = pareto_front(points, higher_is_better)
     figure = Figure(figsize=(7.5, 4.6))
     axes = figure.add_subplot()
-    for index, (row, (latency, accuracy)) in enumerate(zip(timed, points)):
+    for index, (row, (latency, value)) in enumerate(zip(timed, points)):
         marker = "s" if row["status"] == "baseline" else "X" if row["status"] == "rejected" else "o"
-        axes.scatter([latency], [accuracy], s=60, marker=marker, color=REJECTED_COLOR if row["status"] == "rejected" else kind_color(row),
+        axes.scatter([latency], [value], s=60, marker=marker, color=REJECTED_COLOR if row["status"] == "rejected" else kind_color(row),
                      zorder=3)
         if index in front:
-            axes.scatter([latency], [accuracy], s=180, facecolors="none", edgecolors=FRONT_COLOR, linewidths=2, zorder=4)
+            axes.scatter([latency], [value], s=180, facecolors="none", edgecolors=FRONT_COLOR, linewidths=2, zorder=4)
     axes.plot([points[i][0] for i in front], [points[i][1] for i in front], color=FRONT_COLOR, linestyle="--",
               linewidth=1.5, label="Pareto front", zorder=2)
-    accuracies = [accuracy for _, accuracy in points]
+    values = [value for _, value in points]
     baseline = next((row for row in timed if row["status"] == "baseline"), None)
     if budget is not None and baseline is not None:
-        accuracies.append(_budget_line(axes, baseline["top1"], budget))
-    margin = max(0.5, (max(accuracies) - min(accuracies)) * 0.15)
-    axes.set_ylim(min(accuracies) - margin, min(100.0 + margin / 2, max(accuracies) + margin))
+        values.append(_budget_line(axes, metric, higher_is_better, baseline["value"], budget))
+    _metric_axis(axes, metric, higher_is_better, values)
     latencies = [latency for latency, _ in points]
     axes.set_xscale("log")
     axes.set_xlim(min(latencies) / 1.8, max(latencies) * 1.8)  # room for the labels either side
@@ -136,8 +157,7 @@ def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int, budget: float |
     axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel(f"median latency at batch {batch} (ms, log scale; lower is better)")
-    axes.set_ylabel("top-1 (%)")
-    axes.set_title("Accuracy vs latency")
+    axes.set_title(f"{metric_title(metric)} vs latency")
     axes.grid(True, which="major", alpha=0.3)
     _label_points(axes, figure, [row["variant"] for row in timed], points)
     handles = _legend_handles(timed) + axes.get_legend_handles_labels()[0]

@@ -18,7 +18,7 @@ from pipeline.errors import OptipipeError
 from pipeline.recipe import load_recipe
 from pipeline.review.stage_facts import stage_highlights
 from pipeline.review.tables import variant_rows
-from pipeline.review.units import format_bytes
+from pipeline.review.units import format_bytes, format_delta, format_figure, metric_label
 
 NIGHTLY_TAG = "nightly"
 
@@ -76,16 +76,18 @@ def name_flow_run(record: dict[str, Any]) -> None:
 
 
 def variant_table(record: dict[str, Any]) -> list[dict[str, str]]:
-    """The variants as the Prefect table artifact shows them: few columns, named for a reader, in human units."""
+    """The variants as the Prefect table artifact shows them: few columns, named for a reader (the run's metric by
+    its name: top-1, MSE, ...), in human units."""
     table = []
     for row in variant_rows(record):
         timed = row["latency_p50_ms"] is not None
         batch = f" @{row['latency_batch']}" if timed else ""
+        label = metric_label(row["metric"])
         table.append({
             "variant": row["variant"],
             "kind": row["kind"],
-            "top-1": f"{row['top1']:.2%}",
-            "Δ top-1": f"{row['delta_top1'] * 100:+.2f} pt",
+            label: format_figure(row["metric"], row["value"]),
+            f"Δ {label}": format_delta(row["metric"], row["delta"]),
             "size": format_bytes(row["size_bytes"]),
             "p50 latency": f"{row['latency_p50_ms']:.3f} ms{batch}" if timed else "-",
             "speed-up": f"{row['speedup_vs_baseline']:.2f}×" if timed else "-",

@@ -1,7 +1,8 @@
 """The few figures of each stage a reviewer looks for, read from its metrics in the run record.
 
 Validate and benchmark figures are not here: they are read through ``pipeline.records.variants`` and
-shown in the variants and timings tables. A figure a stage did not record is left out.
+shown in the variants and timings tables. A stage that measured the recipe's metric (``metric``, ``value``,
+``delta`` in its metrics) shows it by name (top-1, MSE, ...); a figure a stage did not record is left out.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.review.units import format_bytes
+from pipeline.review.units import format_bytes, format_delta, format_figure, metric_label
 
 
 def _percent(value: float) -> str:
@@ -42,7 +43,28 @@ def _field(name: str, render: Callable[[Any], str] = str) -> Callable[[dict[str,
     return shown
 
 
-# stage implementation -> (label, how to read it from the stage's metrics), in display order
+def _metric_field(name: str, legacy: str) -> Callable[[dict[str, Any]], str | None]:
+    """A value of the stage's metric (``metrics['metric']``) read from ``name``, or from the top-1 field ``legacy`` that
+    stages wrote before metrics were named."""
+    def shown(metrics: dict[str, Any]) -> str | None:
+        metric, value = metrics.get("metric") or "top1", metrics.get(name)
+        if not isinstance(value, (int, float)):
+            metric, value = "top1", metrics.get(legacy)
+        return format_figure(metric, value) if isinstance(value, (int, float)) else None
+    return shown
+
+
+def _metric_change(metrics: dict[str, Any]) -> tuple[str, str] | None:
+    """(the metric's name, its value and change vs FP32) of a stage that measured the recipe's metric, else None."""
+    metric, value, delta = metrics.get("metric"), metrics.get("value"), metrics.get("delta")
+    if not isinstance(metric, str) or not isinstance(value, (int, float)):
+        return None
+    change = f" ({format_delta(metric, delta)} vs FP32)" if isinstance(delta, (int, float)) else ""
+    return metric_label(metric), format_figure(metric, value) + change
+
+
+# stage implementation -> (label, how to read it from the stage's metrics), in display order; "{metric}" in a
+# label is the name of the stage's metric (top-1 when the stage did not name one)
 HIGHLIGHTS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str | None]]]] = {
     "load_checkpoint": [("format", _field("format")), ("parameters", _field("parameters", _count)),
                         ("optimizer state", _field("has_optimizer_state", lambda v: "yes" if v else "no"))],
@@ -51,7 +73,9 @@ HIGHLIGHTS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str | None]]]] 
                      ("BatchNorms left", _field("batchnorms_left", _count))],
     "prune": [("MACs removed", _removed("macs_before", "macs_after")), ("sparsity", _field("sparsity", _percent)),
               ("method", _field("method")), ("parameters removed", _removed("params_before", "params_after"))],
-    "distill": [("student top-1", _field("student_top1", _percent)), ("retention", _field("retention", _percent)),
+    "distill": [("teacher {metric}", _metric_field("teacher_value", "teacher_top1")),
+                ("student {metric} before", _metric_field("student_value_before", "student_top1_before")),
+                ("student {metric}", _metric_field("student_value", "student_top1")), ("retention", _field("retention", _percent)),
                 ("epochs", _field("epochs", _count))],
     "quantize": [("mode", _field("mode")), ("calibration batches", _field("calibration_batches", _count)),
                  ("quantized layers", _field("quantized_layers", _layers))],
@@ -66,8 +90,10 @@ HIGHLIGHTS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str | None]]]] 
 
 
 def stage_highlights(stage: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) of the figures worth showing for one stage; empty for a stage that recorded none of them."""
+    """(label, value) of the figures worth showing for one stage, then its metric and change vs FP32 when it measured
+    them; empty for a stage that recorded none of them."""
     metrics = stage.get("metrics") or {}
+    named = metric_label(metrics.get("metric") or "top1")
     found = []
     for label, read in HIGHLIGHTS.get(stage.get("uses", ""), []):
         try:
@@ -75,5 +101,6 @@ def stage_highlights(stage: dict[str, Any]) -> list[tuple[str, str]]:
         except (KeyError, TypeError, ValueError):
             value = None
         if value is not None:
-            found.append((label, value))
-    return found
+            found.append((label.format(metric=named), value))
+    change = _metric_change(metrics)
+    return found + ([change] if change else [])

@@ -13,7 +13,7 @@ from pipeline.records.models import StageResult
 from pipeline.records.reports import BenchmarkReport, ValidationReport
 from pipeline.records.variants import read_variants, run_stages, stage_report
 from pipeline.review.stage_facts import stage_highlights
-from pipeline.review.units import format_bytes
+from pipeline.review.units import format_bytes, format_delta, format_figure, metric_label
 
 
 def _stage_seconds(record: dict[str, Any], name: str) -> str:
@@ -23,8 +23,14 @@ def _stage_seconds(record: dict[str, Any], name: str) -> str:
     return "-"
 
 
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per validated variant (baseline first), with latency where a ``benchmark`` stage timed it."""
+    """One row per validated variant (baseline first), with latency where a ``benchmark`` stage timed it: the run's
+    metric (``metric``, ``value``, ``delta``, ``higher_is_better``), agreement and relative error where measured, and
+    for classification ``top1`` / ``delta_top1`` (None for other tasks)."""
     rows: list[dict[str, Any]] = []
     for variant in read_variants(record):
         figures, timing = variant.validation, variant.benchmark
@@ -32,9 +38,14 @@ def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "variant": variant.name,
             "kind": variant.kind,
-            "top1": round(figures.top1, 4),
-            "delta_top1": round(figures.delta_top1, 4),
-            "agreement": round(figures.agreement, 4),
+            "metric": figures.metric,
+            "higher_is_better": figures.higher_is_better,
+            "value": float(f"{figures.value:.6g}"),
+            "delta": float(f"{figures.delta:.6g}"),
+            "top1": _rounded(figures.top1),
+            "delta_top1": _rounded(figures.delta_top1),
+            "agreement": _rounded(figures.agreement),
+            "relative_error": None if figures.relative_error is None else float(f"{figures.relative_error:.3g}"),
             "max_abs_logit_diff": float(f"{figures.max_abs_logit_diff:.3g}"),
             "size_bytes": figures.size_bytes,
             "latency_batch": int(batch_size) if batch_size else None,
@@ -44,6 +55,39 @@ def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "status": variant.status,
         })
     return rows
+
+
+def run_metric(rows: list[dict[str, Any]]) -> str:
+    """The metric a run's variants are measured by (the baseline's), as its rows name it."""
+    return rows[0]["metric"]
+
+
+def closeness_header(rows: list[dict[str, Any]]) -> str:
+    """The column that says how close a variant stays to FP32: agreement where decisions are compared, else relative error."""
+    return "agreement" if any(row["agreement"] is not None for row in rows) else "rel. error"
+
+
+def closeness_cell(row: dict[str, Any]) -> str:
+    """A variant's agreement with FP32 (%), else its outputs' relative error, else '-'."""
+    if row["agreement"] is not None:
+        return f"{row['agreement']:.2%}"
+    return "-" if row["relative_error"] is None else f"{row['relative_error']:.3g}"
+
+
+def metric_cells(row: dict[str, Any]) -> list[str]:
+    """A row's metric value, its change vs FP32 and its closeness, formatted by the metric's kind."""
+    return [format_figure(row["metric"], row["value"]), format_delta(row["metric"], row["delta"]), closeness_cell(row)]
+
+
+def output_diff_header(rows: list[dict[str, Any]]) -> str:
+    """The largest output difference's header: logits for classification, outputs for other tasks."""
+    return "max |Δ logit|" if rows[0]["top1"] is not None else "max |Δ output|"
+
+
+def metric_headers(rows: list[dict[str, Any]]) -> list[str]:
+    """Headers of ``metric_cells``: the metric's name (top-1, MSE, ...), its Δ and the closeness column."""
+    label = metric_label(run_metric(rows))
+    return [label, f"Δ {label}", closeness_header(rows)]
 
 
 @dataclass(frozen=True)
@@ -99,22 +143,23 @@ def fitted_table(title: str, columns: list[Column], cells: list[list[str]], widt
 
 
 def variants_table(record: dict[str, Any], width: int | None = None) -> Table:
-    """The accuracy / size / time table of a run's variants against the FP32 baseline; on a console narrower
+    """The metric / size / time table of a run's variants against the FP32 baseline; on a console narrower
     than ``width`` needs, headers shorten and kind, stage seconds, logit and agreement columns go first."""
     rows = variant_rows(record)
     batch = next((row["latency_batch"] for row in rows if row["latency_batch"]), None)
+    label, delta, closeness = metric_headers(rows)
     columns = [
-        Column("variant", "variant", left=True), Column("kind", "kind", 4, left=True), Column("top-1", "top-1"),
-        Column("Δ top-1", "Δ top-1"), Column("agreement", "agree", 2), Column("max |Δ logit|", "|Δ|", 3),
-        Column("size", "size"), Column(f"p50 ms @{batch}" if batch else "p50 ms", f"p50@{batch}" if batch else "p50"),
+        Column("variant", "variant", left=True), Column("kind", "kind", 4, left=True), Column(label, label),
+        Column(delta, delta), Column(closeness, "agree" if closeness == "agreement" else "rel.err", 2),
+        Column(output_diff_header(rows), "|Δ|", 3), Column("size", "size"),
+        Column(f"p50 ms @{batch}" if batch else "p50 ms", f"p50@{batch}" if batch else "p50"),
         Column("speed-up", "×", 1), Column("stage s", "s", 5), Column("status", "status", left=True),
     ]
     cells = []
     for row in rows:
         timed = row["latency_p50_ms"] is not None
         cells.append([
-            row["variant"], row["kind"], f"{row['top1']:.2%}", f"{row['delta_top1'] * 100:+.2f} pt",
-            f"{row['agreement']:.2%}", f"{row['max_abs_logit_diff']:.3g}", format_bytes(row["size_bytes"]),
+            row["variant"], row["kind"], *metric_cells(row), f"{row['max_abs_logit_diff']:.3g}", format_bytes(row["size_bytes"]),
             f"{row['latency_p50_ms']:.3f}" if timed else "-", f"{row['speedup_vs_baseline']:.2f}×" if timed else "-",
             row["stage_seconds"], row["status"],
         ])

@@ -8,19 +8,26 @@ copies them, and every stage reads that snapshot. The copy is written under ``<s
 a work folder, so ``optipipe gc`` clears a crashed copy) and renamed into place; a snapshot already
 there is reused once its digest verifies. The file name is kept so messages still name the user's file.
 The snapshot is read-only and as readable as the umask allows (0444 & ~umask), like a published artifact.
+
+A Hugging Face ``save_pretrained`` folder is snapshotted the same way, file by file: every regular file
+directly in it is copied from one open descriptor (opened without following links: a link inside is
+refused) into ``<store>/checkpoints/<digest>/<folder name>/``, where the digest is the sha256 of the
+canonical JSON list of ``[file name, file sha256]`` pairs, sorted by name. Subfolders (a Trainer's
+``checkpoint-500/``) are left out: stages read only the snapshot, so nothing unhashed reaches them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.errors import CheckpointError
-from pipeline.records.files import PUBLISHED_FILE_MODE, sha256_file, umasked
+from pipeline.records.files import PUBLISHED_FILE_MODE, canonical_json, make_published, sha256_file, sha256_text, umasked
 from pipeline.records.store import ArtifactStore
 
 BLOCK_BYTES = 1 << 20
@@ -89,8 +96,90 @@ def copy_to_temporary(store: ArtifactStore, checkpoint_path: Path) -> tuple[Path
         os.close(source)
 
 
+def folder_digest(file_digests: dict[str, str]) -> str:
+    """The digest of a checkpoint folder: sha256 of the canonical JSON of its sorted ``[file name, file sha256]`` pairs."""
+    return sha256_text(canonical_json(sorted([name, sha256] for name, sha256 in file_digests.items())))
+
+
+def folder_entries(folder: Path, descriptor: int) -> list[str]:
+    """The names of the regular files directly in the open folder, refusing links and special files; subfolders left out."""
+    names = []
+    for name in sorted(os.listdir(descriptor)):
+        mode = os.stat(name, dir_fd=descriptor, follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            raise CheckpointError(f"checkpoint folder {folder} holds a symbolic link, {name}; optipipe reads only regular "
+                                  "files from a checkpoint: copy the file into the folder instead of linking it")
+        if stat.S_ISREG(mode):
+            names.append(name)
+        elif not stat.S_ISDIR(mode):
+            raise not_a_regular_file(folder / name, mode)
+    return names
+
+
+def copy_folder_file(descriptor: int, name: str, folder: Path, target: Path) -> str:
+    """Copy file ``name`` of the open checkpoint folder into ``target/name``, never through a link; its sha256."""
+    try:
+        source = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW, dir_fd=descriptor)
+    except OSError as error:  # ELOOP: replaced by a link since the folder was listed
+        raise CheckpointError(f"checkpoint folder {folder}: {name} cannot be read without following a link "
+                              f"({error.strerror or error}); copy the file into the folder instead of linking it") from None
+    try:
+        temporary, sha256 = copy_descriptor(source, target, folder / name)
+    finally:
+        os.close(source)
+    os.replace(temporary, target / name)
+    return sha256
+
+
+def copy_folder_to_temporary(store: ArtifactStore, folder: Path) -> tuple[Path, str]:
+    """Copy the checkpoint folder's regular files into a new work folder under ``<store>/tmp``; its path and digest."""
+    target = store.new_workdir("checkpoint")
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        shutil.rmtree(target)
+        raise CheckpointError(f"checkpoint {folder} cannot be read: {error.strerror or error}") from None
+    try:
+        digests = {name: copy_folder_file(descriptor, name, folder, target) for name in folder_entries(folder, descriptor)}
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    finally:
+        os.close(descriptor)
+    return target, folder_digest(digests)
+
+
+def holds_snapshot(snapshot: Path, digest: str) -> bool:
+    """Whether ``snapshot`` is a folder whose files still have ``digest``."""
+    return snapshot.is_dir() and folder_digest({path.name: sha256_file(path) for path in snapshot.iterdir()}) == digest
+
+
+def snapshot_folder(store: ArtifactStore, folder: Path) -> tuple[Path, str]:
+    """The store's read-only snapshot of a checkpoint folder and its digest, reused when one already verifies."""
+    temporary, digest = copy_folder_to_temporary(store, folder)
+    snapshot = store.checkpoints_dir / digest / (Path(os.path.abspath(folder)).name or "checkpoint")
+    try:
+        if holds_snapshot(snapshot, digest):
+            return snapshot, digest
+        if snapshot.exists():  # damaged since it was made: replaced by the fresh copy
+            shutil.rmtree(snapshot)
+        snapshot.parent.mkdir(parents=True, exist_ok=True)
+        make_published(temporary)
+        try:
+            os.replace(temporary, snapshot)
+        except OSError:  # another run published the same folder meanwhile
+            if not holds_snapshot(snapshot, digest):
+                raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return snapshot, digest
+
+
 def snapshot_checkpoint(store: ArtifactStore, checkpoint_path: Path) -> tuple[Path, str]:
-    """The store's read-only snapshot of ``checkpoint_path`` and the sha256 of its bytes, copying them at most once."""
+    """The store's read-only snapshot of ``checkpoint_path`` and the sha256 of its bytes (of a folder: its digest),
+    copying them at most once."""
+    if checkpoint_path.is_dir():
+        return snapshot_folder(store, checkpoint_path)
     temporary, sha256 = copy_to_temporary(store, checkpoint_path)
     snapshot = store.checkpoints_dir / sha256 / checkpoint_path.name
     try:
@@ -102,3 +191,10 @@ def snapshot_checkpoint(store: ArtifactStore, checkpoint_path: Path) -> tuple[Pa
     finally:
         temporary.unlink(missing_ok=True)
     return snapshot, sha256
+
+
+def checkpoint_digest(checkpoint_path: Path) -> str:
+    """The digest a run would key the checkpoint by (a file's sha256, a folder's digest of its files), copying nothing."""
+    if not checkpoint_path.is_dir():
+        return sha256_file(checkpoint_path)
+    return folder_digest({path.name: sha256_file(path) for path in checkpoint_path.iterdir() if path.is_file() and not path.is_symlink()})

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.errors import CheckpointError, StoreError, one_line
+from pipeline.hf import check_pretrained_folder
 from pipeline.recipe.plan import Plan
 from pipeline.records.models import StageResult
 from pipeline.records.store import ArtifactStore
@@ -41,7 +42,8 @@ Submit = Callable[[StageCall], Pending]
 
 
 def check_checkpoint_file(checkpoint_path: Path) -> None:
-    """Raise ``CheckpointError`` unless ``checkpoint_path`` is an existing regular file (never opens it: a FIFO would block)."""
+    """Raise ``CheckpointError`` unless ``checkpoint_path`` is an existing regular file, or a save_pretrained folder
+    holding config.json and weights (never opens a file: a FIFO would block)."""
     try:
         mode = checkpoint_path.stat().st_mode
     except FileNotFoundError:
@@ -49,8 +51,8 @@ def check_checkpoint_file(checkpoint_path: Path) -> None:
     except OSError as error:
         raise CheckpointError(f"checkpoint {checkpoint_path} cannot be read: {error.strerror or error}") from None
     if stat.S_ISDIR(mode):
-        raise CheckpointError(f"checkpoint {checkpoint_path} is a folder; give the checkpoint file inside it")
-    if not stat.S_ISREG(mode):
+        check_pretrained_folder(checkpoint_path)
+    elif not stat.S_ISREG(mode):
         raise not_a_regular_file(checkpoint_path, mode)
 
 

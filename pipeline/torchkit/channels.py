@@ -12,10 +12,13 @@ pruning history and weights that load with ``torch.load(weights_only=True)``: no
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ from torch.nn.utils import prune
 
 from pipeline.errors import StageError, one_line
 from pipeline.torchkit.complexity import BATCHNORMS, WEIGHTED_LAYERS
+from pipeline.torchkit.model_io import ModelIO
 
 # Ops that act on each channel separately and keep channels on dim 1: pruned channels pass through them.
 PER_CHANNEL_MODULES = (
@@ -166,15 +170,37 @@ class ChannelDependencies:
         return f"its channels reach '{name}' ({node.name}), an op prune cannot follow"
 
 
-def traced_with_shapes(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """The model traced by torch.fx with each node's tensor shape on ``example``; StageError if untraceable."""
+def untraceable_forward(model: nn.Module) -> str:
+    """A clause naming a forward() construct torch.fx's symbolic tracing cannot follow, or '' when none is seen.
+
+    A decorated forward (Hugging Face models wrap theirs, e.g. ``can_return_tuple``) hides its real arguments from fx.
+    """
+    forward = type(model).forward
+    if hasattr(forward, "__wrapped__"):
+        code = forward.__code__
+        decorator = f"{code.co_name} in {Path(code.co_filename).name}"
+        return f": {type(model).__name__}.forward() is wrapped by a decorator ({decorator}), which torch.fx cannot trace through"
+    return ""
+
+
+def placeholder_values(model: nn.Module, traced: fx.GraphModule, io: ModelIO, tensors: Mapping[str, torch.Tensor]) -> tuple[Any, ...]:
+    """The traced graph's placeholders filled from the named inputs, as ``model`` is called (by keyword or in order)."""
+    args, kwargs = io.arguments(model, tensors)
+    bound = inspect.signature(traced.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return tuple(bound.args)
+
+
+def traced_with_shapes(model: nn.Module, io: ModelIO, tensors: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+    """The model traced by torch.fx with each node's tensor shape on the example inputs; StageError if untraceable."""
     try:
         traced = fx.symbolic_trace(model)
-        ShapeProp(traced).propagate(example)
-    except Exception as error:  # fx cannot trace this forward() (Python control flow on tensor values, ...)
+        ShapeProp(traced).propagate(*placeholder_values(model, traced, io, tensors))
+    except Exception as error:  # fx cannot trace this forward() (control flow on tensor values, a keyword-only HF forward, ...)
         raise StageError(
             f"prune: method: channels needs a torch.fx trace of the model to find which layers read each layer's "
-            f"channels, and tracing failed ({one_line(error)}); make forward() traceable or use method: magnitude"
+            f"channels, and tracing failed ({one_line(error)[:300]}){untraceable_forward(model)}; "
+            "make forward() traceable or use method: magnitude"
         ) from error
     return traced
 
@@ -263,12 +289,14 @@ def replay_cuts(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
     return model
 
 
-def cut_channels(model: nn.Module, example: torch.Tensor, amount: float, norm: int) -> tuple[list[ChannelCut], dict[str, str]]:
-    """Remove the weakest ``amount`` of every prunable layer's output channels, in place.
+def cut_channels(
+    model: nn.Module, io: ModelIO, tensors: Mapping[str, torch.Tensor], amount: float, norm: int
+) -> tuple[list[ChannelCut], dict[str, str]]:
+    """Remove the weakest ``amount`` of every prunable layer's output channels, in place (``tensors``: example inputs by name).
 
     Returns the cuts made (every choice made on the unpruned weights) and the layers left whole, with why.
     """
-    traced = traced_with_shapes(model, example)
+    traced = traced_with_shapes(model, io, tensors)
     groups, skipped = ChannelDependencies(traced).groups()
     if not groups:
         reasons = "; ".join(f"{layer}: {reason}" for layer, reason in skipped.items()) or "it has no Conv/Linear layer"

@@ -8,9 +8,13 @@ not counted, as is usual for MAC figures.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.torchkit.model_io import ModelIO
 
 # The layers whose weights are pruned, counted for sparsity and whose output channels can be removed.
 WEIGHTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -23,11 +27,11 @@ def count_params(module: nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def count_macs(module: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass of ``module`` on ``example_input`` (the whole batch given)."""
+def count_macs(module: nn.Module, io: ModelIO, tensors: Mapping[str, torch.Tensor]) -> int:
+    """Multiply-accumulates of one forward pass of ``module`` on ``tensors`` (every named input, the whole batch given)."""
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        module(example_input)
+        io.call(module, tensors)
     return counter.get_total_flops() // 2
 
 

@@ -105,8 +105,9 @@ def flatten_outputs(outputs: Any, prefix: str = "") -> list[tuple[str, torch.Ten
 class ModelIO:
     """The declared inputs and output of the recipe's model, and how batches and forwards are translated."""
 
-    def __init__(self, specs: Sequence[InputSpec], output: OutputSpec | None = None):
+    def __init__(self, specs: Sequence[InputSpec], output: OutputSpec | None = None, declared_by: str = "model.inputs"):
         self.specs = tuple(specs)
+        self.declared_by = declared_by  # the recipe field messages name: model.inputs or model.input_shape
         self.names = tuple(spec.name for spec in self.specs)
         self.output = output or OutputSpec()
         self._keyword_calls: dict[type, bool] = {}
@@ -115,7 +116,7 @@ class ModelIO:
     def of(cls, model: ModelSpec) -> "ModelIO":
         """The IO of a recipe's ``model`` section."""
         output = model.output if isinstance(model.output, OutputSpec) else OutputSpec(prediction=model.output)
-        return cls(model.input_specs(), output)
+        return cls(model.input_specs(), output, "model.input_shape" if model.input_shape is not None else "model.inputs")
 
     @classmethod
     def single(cls) -> "ModelIO":
@@ -204,14 +205,14 @@ class ModelIO:
             shape = feeds[spec.name].shape
             if len(shape) != len(spec.shape):
                 raise DataError(
-                    f"{where}: input {spec.name} is shaped {list(shape)} but model.inputs/input_shape declares {len(spec.shape)} "
-                    f"dimensions {list(spec.shape)}; fix the data source or the declaration"
+                    f"{where}: input {spec.name} is shaped {list(shape)} but {self.declared_by} declares {len(spec.shape)} "
+                    f"dimensions {list(spec.shape)}; fix the data source or {self.declared_by}"
                 )
             for axis, (size, declared) in enumerate(zip(shape, spec.shape)):
                 if isinstance(declared, int) and axis > 0 and size != declared:
                     raise DataError(
-                        f"{where}: input {spec.name} has {size} in dimension {axis} but the declaration fixes it to {declared} "
-                        f"({list(spec.shape)}); fix the data source or the declaration (a name such as seq lets it vary)"
+                        f"{where}: input {spec.name} is shaped {list(shape)} but {self.declared_by} fixes dimension {axis} to {declared} "
+                        f"({list(spec.shape)}); fix the data source or {self.declared_by} (a name such as seq lets a dimension vary)"
                     )
                 if isinstance(declared, str):
                     if sizes.setdefault(declared, size) != size:
