@@ -164,11 +164,11 @@ class ImageMetaNet(nn.Module):
         super().__init__()
         self.features = nn.Sequential(conv_bn_relu(1, width), nn.MaxPool2d(2), conv_bn_relu(width, width * 2))
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.meta = nn.Sequential(nn.Linear(meta_features, width), nn.ReLU())
+        self.meta_net = nn.Sequential(nn.Linear(meta_features, width), nn.ReLU())  # not 'meta': torch.fx names placeholders after the forward's arguments
         self.classifier = nn.Linear(width * 3, num_classes)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        joined = torch.cat([torch.flatten(self.pool(self.features(image)), 1), self.meta(meta)], dim=1)
+        joined = torch.cat([torch.flatten(self.pool(self.features(image)), 1), self.meta_net(meta)], dim=1)
         return self.classifier(joined), joined
 
 

@@ -314,7 +314,7 @@ CATALOGUE: list[BadInput] = [
     BadInput("model-factory-callable-missing", validate_case(LOAD_ONLY.replace("digits_cnn", "digits_cnnn")), "digits_cnnn"),
     BadInput("model-factory-raises", run_recipe_case(LOAD_ONLY.replace("pipeline.zoo:digits_cnn", "bad_factory_raises:build"), FACTORY_RAISES), "width must be a multiple of 8"),
     BadInput("data-factory-raises", run_recipe_case(DATA_HEADER % "bad_data_raises", DATA_FACTORY_RAISES), "/data/imagenet/train not found"),
-    BadInput("data-wrong-shape", run_recipe_case(DATA_HEADER % "bad_data_shape", DATA_WRONG_SHAPE), "input input is shaped [16, 3, 5, 5] but model.input_shape fixes dimension 1 to 1"),
+    BadInput("data-wrong-shape", run_recipe_case(DATA_HEADER % "bad_data_shape", DATA_WRONG_SHAPE), "the input is shaped [32, 3, 5, 5] but model.input_shape fixes dimension 1 to 1"),
     BadInput("data-empty", run_recipe_case(DATA_HEADER % "bad_data_empty", DATA_EMPTY), "no batches"),
     BadInput("data-labels-out-of-range", run_recipe_case(DATA_HEADER % "bad_data_labels", DATA_LABELS_OUT_OF_RANGE), "eval labels range from"),
     BadInput("data-bad-kwargs", run_recipe_case(LOAD_AND_CHECK.replace("stages:", "data: {source: synthetic, kwargs: {num_sampels: 8}}\nstages:")), "num_sampels"),

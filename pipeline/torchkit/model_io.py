@@ -203,15 +203,16 @@ class ModelIO:
         sizes: dict[str, int] = {}
         for spec in self.specs:
             shape = feeds[spec.name].shape
+            subject = "the input" if self.declared_by == "model.input_shape" else f"input {spec.name}"
             if len(shape) != len(spec.shape):
                 raise DataError(
-                    f"{where}: input {spec.name} is shaped {list(shape)} but {self.declared_by} declares {len(spec.shape)} "
+                    f"{where}: {subject} is shaped {list(shape)} but {self.declared_by} declares {len(spec.shape)} "
                     f"dimensions {list(spec.shape)}; fix the data source or {self.declared_by}"
                 )
             for axis, (size, declared) in enumerate(zip(shape, spec.shape)):
                 if isinstance(declared, int) and axis > 0 and size != declared:
                     raise DataError(
-                        f"{where}: input {spec.name} is shaped {list(shape)} but {self.declared_by} fixes dimension {axis} to {declared} "
+                        f"{where}: {subject} is shaped {list(shape)} but {self.declared_by} fixes dimension {axis} to {declared} "
                         f"({list(spec.shape)}); fix the data source or {self.declared_by} (a name such as seq lets a dimension vary)"
                     )
                 if isinstance(declared, str):
