@@ -162,3 +162,80 @@ def test_params_refuse_a_malformed_factory_and_alpha_outside_0_1():
         distill.Params(student={"factory": "pipeline.zoo.mlp"})
     with pytest.raises(ValidationError, match="alpha"):
         distill.Params(alpha=1.5)
+
+
+class ConstantStudent(nn.Module):
+    """A student that cannot look at its input: whatever it learns, it gives every input the same class."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(len(x), 10)
+
+
+def constant_student() -> ConstantStudent:
+    return ConstantStudent()
+
+
+def test_a_student_that_collapses_to_one_class_fails_with_what_to_try(context, teacher):
+    collapsing = {"factory": "tests.test_distill:constant_student"}
+    with pytest.raises(StageError, match=r"distill: the student did not learn: it predicts class \d for every eval input, after 2 epochs "
+                                         r"at lr 0.01; try a lower lr"):
+        distil(context, "collapse", teacher, student=collapsing, epochs=2, lr=1e-2, alpha=0.0)
+
+
+def regression_context(context, tmp_path):
+    """A StageContext on the regression example's data and recipe (task regression, metric mse)."""
+    from pipeline.examples import regression_task
+    from pipeline.recipe import load_recipe
+    from pipeline.torchkit.data import DataBundle
+    from tests.conftest import REPO_ROOT
+
+    recipe = load_recipe(REPO_ROOT / "recipes" / "regression.yaml").recipe
+    train, evaluation = regression_task()
+    bundle = DataBundle(train=train, eval=evaluation, io=ModelIO.of(recipe.model))
+    return lambda name, **overrides: context(name, recipe=recipe, load_data=lambda: bundle, **overrides)
+
+
+def test_regression_is_distilled_on_outputs_and_scored_by_mse(context, tmp_path):
+    from pipeline.zoo import regression_mlp
+
+    regression = regression_context(context, tmp_path)
+    torch.manual_seed(0)
+    teacher = regression_mlp(hidden=32)
+    ctx = regression("teach")
+    train_model(teacher, ctx.data.train, epochs=40, lr=1e-2, io=ctx.io, task=ctx.scoring.task)
+    student = {"factory": "pipeline.zoo:regression_mlp", "kwargs": {"hidden": 8}}
+    output = distill.run(regression("student"), {"teacher": as_input(teacher, tmp_path)},
+                         distill.Params(student=student, epochs=40, lr=1e-2, alpha=0.5))
+    metrics = output.metrics
+    assert metrics["metric"] == "mse" and "student_top1" not in metrics
+    assert metrics["student_value"] < metrics["student_value_before"] / 5  # the MSE fell
+    assert metrics["relative_error_vs_teacher"] < 0.5 and metrics["agreement_with_teacher"] is None
+
+
+def test_feature_term_matches_an_intermediate_output_and_refuses_mismatched_shapes(context, tmp_path):
+    from pipeline.examples import image_meta_task
+    from pipeline.recipe import load_recipe
+    from pipeline.torchkit.data import DataBundle
+    from pipeline.zoo import image_meta_net
+    from tests.conftest import REPO_ROOT
+
+    recipe = load_recipe(REPO_ROOT / "recipes" / "image-meta.yaml").recipe
+    train, evaluation = image_meta_task()
+    bundle = DataBundle(train=train, eval=evaluation, io=ModelIO.of(recipe.model))
+    torch.manual_seed(0)
+    teacher = as_input(image_meta_net(), tmp_path)
+    same_width = {"factory": "pipeline.zoo:image_meta_net"}
+    output = distill.run(context("features", recipe=recipe, load_data=lambda: bundle), {"teacher": teacher}, distill.Params(
+        student=same_width, epochs=1, lr=3e-3, alpha=1.0, features={"student": 1, "teacher": 1}, feature_weight=0.5, seed=1))
+    assert np.isfinite(output.metrics["final_loss"])
+    narrow = {"factory": "pipeline.zoo:image_meta_net", "kwargs": {"width": 8}}
+    with pytest.raises(StageError, match=r"features differ in shape: student \[\d+, 24\], teacher \[\d+, 48\]"):
+        distill.run(context("narrow", recipe=recipe, load_data=lambda: bundle), {"teacher": teacher}, distill.Params(
+            student=narrow, epochs=1, alpha=1.0, features={"student": 1, "teacher": 1}, feature_weight=0.5))
+    with pytest.raises(StageError, match="give features and a feature_weight above 0 together"):
+        distill.run(context("half", recipe=recipe, load_data=lambda: bundle), {"teacher": teacher}, distill.Params(
+            student=same_width, epochs=1, features={"student": 1, "teacher": 1}))
