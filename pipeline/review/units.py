@@ -47,10 +47,12 @@ def format_figure(metric: str, value: float | None) -> str:
 
 
 def format_delta(metric: str, delta: float | None) -> str:
-    """A figure's signed change: -0.40 pt for fractions, +0.0012 for others, '-' when unknown."""
+    """A figure's signed change: -0.40 pt for fractions, +0.0012 for others (0 for none), '-' when unknown."""
     if delta is None:
         return "-"
-    return f"{delta * 100:+.2f} pt" if is_fraction(metric) else f"{delta:+.4g}"
+    if is_fraction(metric):
+        return f"{delta * 100:+.2f} pt"
+    return "0" if delta == 0 else f"{delta:+.4g}"
 
 
 def format_amount(metric: str, amount: float) -> str:
