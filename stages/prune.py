@@ -3,13 +3,16 @@
 ``magnitude`` masks the smallest-|w| elements of every Conv/Linear weight with ``torch.nn.utils.prune``
 (per layer, or ranked across all layers with ``global: true``) and makes the zeros permanent with
 ``prune.remove``: the saved model has the same shapes, no masks and no hooks. ``channels`` traces the
-model with ``torch.fx`` and builds its ``ChannelDependencies`` (``pipeline.torchkit.channels``): for each
-Conv/Linear layer, the BatchNorm and the layers that read its output channels (through activations,
-pooling and flattening). The channels with the smallest L1/L2 weight norm are cut from the layer, that BatchNorm and those readers,
-so the saved model is really smaller. A layer whose channels meet others in a residual add or a
-concatenation, reach the model's output or an op prune cannot follow is left whole and listed in
-``skipped_layers`` with the reason. Either way the model can be fine-tuned on the recipe's train data
-(masks stay in force meanwhile, the loss the recipe's task's), and the recipe's metric (``metric``, e.g. top-1 or
+model with ``torch.fx`` and builds its ``ChannelDependencies`` (``pipeline.torchkit.channels``): channel groups,
+each the Conv/Linear layers producing the same channels (one layer, or every layer writing into a residual
+add, its shortcut's conv included), the depthwise convs and BatchNorms that filter them and the layers that
+read them (through activations, pooling and flattening). The ``amount`` of each group's channels with the smallest
+L1/L2 weight norm (summed over the group's producers) are cut from all of them, so the saved model is really smaller.
+A group that meets the model's input, reaches its output (the classifier), a concatenation, a grouped (not
+depthwise) convolution or an op prune cannot follow is left whole and its layers are listed in ``skipped_layers``
+with the reason; ``joint_groups`` lists the groups of several layers, ``channels_removed_fraction`` the share of all
+output channels removed, next to ``macs_ratio`` and ``params_ratio``. Either way the model can be fine-tuned on the
+recipe's train data (masks stay in force meanwhile, the loss the recipe's task's), and the recipe's metric (``metric``, e.g. top-1 or
 MSE) is recorded before, after pruning and after fine-tuning (``value_before``, ``value_after_prune``, ...; ``value``
 and ``delta`` for the final model; ``top1_*`` keys too for classification).
 An input saved as weights and a factory (``strip_optimizer``'s) gives weights, the factory and the
@@ -29,7 +32,7 @@ from torch.nn.utils import prune
 
 from pipeline.errors import StageError, one_line
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
-from pipeline.torchkit.channels import ChannelCut, cut_channels
+from pipeline.torchkit.channels import ChannelCut, cut_channels, output_width
 from pipeline.torchkit.complexity import count_macs, count_params, layer_sparsity, overall_sparsity, weighted_layers
 from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ModelHandle, save_like
@@ -74,11 +77,26 @@ class Params(StageParams):
 
 
 def prune_channels(ctx: StageContext, model: nn.Module, example: Feeds, params: Params) -> tuple[list[ChannelCut], dict[str, object]]:
-    """Remove the weakest output channels of every prunable layer, in place; the cuts and the channel metrics."""
+    """Remove the weakest output channels of every prunable channel group, in place; the cuts and the channel metrics.
+
+    ``channels_removed_fraction`` (of every Conv/Linear layer's output channels, skipped layers included) is the
+    reduction reached against ``amount``; ``joint_groups`` lists the groups of several layers pruned together."""
+    widths = [output_width(layer) for layer in weighted_layers(model).values()]
     cuts, skipped = cut_channels(model, ctx.io, ctx.io.tensors(example), params.amount, params.norm)
-    channels = {cut.producer: [cut.width_before, len(cut.kept)] for cut in cuts}
-    pruned_layers = sum(after < before for before, after in channels.values())
-    return cuts, {"pruned_layers": pruned_layers, "channels": channels, "skipped_layers": skipped}
+    channels = {layer: [cut.width_before, len(cut.kept)] for cut in cuts for layer in cut.layers}
+    removed = sum(before - after for before, after in channels.values())
+    joint_groups = [
+        {"layers": list(cut.layers), "channels_before": cut.width_before, "channels_after": len(cut.kept)}
+        for cut in cuts
+        if len(cut.layers) > 1
+    ]
+    return cuts, {
+        "pruned_layers": sum(after < before for before, after in channels.values()),
+        "channels": channels,
+        "channels_removed_fraction": removed / sum(widths),
+        "joint_groups": joint_groups,
+        "skipped_layers": skipped,
+    }
 
 
 def mask_by_magnitude(model: nn.Module, params: Params) -> list[nn.Module]:

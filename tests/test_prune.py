@@ -40,10 +40,10 @@ class Branchy(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def depthwise_net() -> nn.Module:
-    """A conv feeding a depthwise conv, then a classifier: no layer's channels can be removed alone."""
+def grouped_net() -> nn.Module:
+    """A conv feeding a grouped (not depthwise) conv, then a classifier: no layer's channels can be removed."""
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
     )
 
@@ -116,22 +116,32 @@ def test_channel_pruning_shrinks_layers_their_batchnorms_and_readers(context, tm
     assert "top1_after_finetune" not in metrics
 
 
-def masked_like_pruned(model: nn.Module, channels: dict[str, list[int]], norm: int) -> nn.Module:
-    """``model`` with the weakest channels of each pruned layer zeroed (weights and bias), shapes unchanged."""
+def pruned_groups(metrics: dict) -> list[tuple[list[str], int]]:
+    """Each pruned channel group's layers and kept channel count, from the stage's ``joint_groups`` and ``channels``."""
+    joint = [(group["layers"], group["channels_after"]) for group in metrics["joint_groups"]]
+    grouped = {name for layers, _ in joint for name in layers}
+    return joint + [([name], after) for name, (_, after) in metrics["channels"].items() if name not in grouped]
+
+
+def masked_like_pruned(model: nn.Module, metrics: dict, norm: int) -> nn.Module:
+    """``model`` with the weakest channels of each pruned group zeroed (weights and bias), shapes unchanged: a
+    channel's strength is the sum of its weight norms over the group's producers (its non-depthwise layers)."""
     layers = dict(model.named_modules())
     with torch.no_grad():
-        for name, (_, kept_count) in channels.items():
-            layer = layers[name]
-            removed = torch.ones(layer.weight.shape[0], dtype=torch.bool)
-            removed[strongest_channels(layer.weight, kept_count, norm)] = False
-            layer.weight[removed] = 0
-            layer.bias[removed] = 0
+        for names, kept_count in pruned_groups(metrics):
+            producers = [layers[name].weight for name in names if getattr(layers[name], "groups", 1) == 1]
+            strength = sum(weight.detach().flatten(1).norm(p=norm, dim=1) for weight in producers)
+            removed = torch.ones(len(strength), dtype=torch.bool)
+            removed[strength.topk(kept_count).indices] = False
+            for name in names:
+                layers[name].weight[removed] = 0
+                layers[name].bias[removed] = 0
     return model
 
 
 @pytest.mark.parametrize(
     ("factory", "norm", "pruned_layers"),
-    [(digits_cnn, 2, 3), (partial(resnet_small, width=8), 1, 3), (mlp, 1, 2)],
+    [(digits_cnn, 2, 3), (partial(resnet_small, width=8), 1, 9), (mlp, 1, 2)],
     ids=["digits_cnn-L2", "resnet_small-L1", "mlp-L1"],
 )
 def test_removing_channels_of_a_fused_model_equals_zeroing_them(context, tmp_path, data, factory, norm, pruned_layers):
@@ -144,7 +154,7 @@ def test_removing_channels_of_a_fused_model_equals_zeroing_them(context, tmp_pat
     assert output.metrics["pruned_layers"] == pruned_layers == len(output.metrics["channels"])
     assert output.metrics["params_ratio"] < 0.6 and output.metrics["macs_ratio"] < 0.6
     pruned = output.product.load()
-    reference = masked_like_pruned(model, output.metrics["channels"], norm)
+    reference = masked_like_pruned(model, output.metrics, norm)
     batch = torch.from_numpy(data.eval_set.inputs["input"][:64])
     with torch.no_grad():
         torch.testing.assert_close(pruned(batch), reference(batch), rtol=1e-4, atol=1e-5)
@@ -173,45 +183,57 @@ def test_linear_after_a_flattened_feature_map_loses_each_pruned_channel_s_block_
     assert pruned.head.weight.shape == (10, 6 * 16) and pruned.head.in_features == 96
     batch = torch.from_numpy(data.eval_set.inputs["input"][:64])
     with torch.no_grad():
-        torch.testing.assert_close(pruned(batch), masked_like_pruned(model, output.metrics["channels"], 1)(batch))
+        torch.testing.assert_close(pruned(batch), masked_like_pruned(model, output.metrics, 1)(batch))
 
 
-RESIDUAL_REASON = "its channels meet other tensors in 'add' ({add}): a residual add or concatenation, prunable only jointly"
+OUTPUT_REASON = "its channels are the model's output (a classifier's outputs are never pruned)"
 
 
-def test_resnet_small_prunes_each_block_first_conv_and_skips_residual_adds(context, tmp_path, data):
+def test_resnet_small_prunes_every_conv_and_the_residual_channels_jointly(context, tmp_path, data):
     torch.manual_seed(0)
     output, _ = prune_model(context, tmp_path, resnet_small(width=8).eval(), method="channels", amount=0.25)
     metrics = output.metrics
-    assert metrics["channels"] == {"layers.0.conv1": [8, 6], "layers.1.conv1": [16, 12], "layers.2.conv1": [32, 24]}
-    assert metrics["skipped_layers"] == {
-        "stem.0": RESIDUAL_REASON.format(add="add"),
-        "layers.0.conv2": RESIDUAL_REASON.format(add="add"),
-        "layers.1.downsample.0": RESIDUAL_REASON.format(add="add_1"),
-        "layers.1.conv2": RESIDUAL_REASON.format(add="add_1"),
-        "layers.2.downsample.0": RESIDUAL_REASON.format(add="add_2"),
-        "layers.2.conv2": RESIDUAL_REASON.format(add="add_2"),
-        "fc": "its channels are the model's output (a classifier's outputs are never pruned)",
+    assert metrics["channels"] == {
+        "layers.0.conv1": [8, 6], "layers.1.conv1": [16, 12], "layers.2.conv1": [32, 24],
+        "stem.0": [8, 6], "layers.0.conv2": [8, 6],
+        "layers.1.downsample.0": [16, 12], "layers.1.conv2": [16, 12],
+        "layers.2.downsample.0": [32, 24], "layers.2.conv2": [32, 24],
     }
+    assert metrics["joint_groups"] == [
+        {"layers": ["stem.0", "layers.0.conv2"], "channels_before": 8, "channels_after": 6},
+        {"layers": ["layers.1.downsample.0", "layers.1.conv2"], "channels_before": 16, "channels_after": 12},
+        {"layers": ["layers.2.downsample.0", "layers.2.conv2"], "channels_before": 32, "channels_after": 24},
+    ]
+    assert metrics["skipped_layers"] == {"fc": OUTPUT_REASON}
+    assert metrics["channels_removed_fraction"] == pytest.approx((2 * 3 + 4 * 3 + 8 * 3) / (8 * 3 + 16 * 3 + 32 * 3 + 10))  # the classifier stays
     pruned = output.product.load()
     block = pruned.layers[1]
-    assert block.conv1.weight.shape == (12, 8, 3, 3) and block.bn1.num_features == 12
-    assert block.conv2.weight.shape == (16, 12, 3, 3) and block.downsample[0].weight.shape == (16, 8, 1, 1)
+    assert block.conv1.weight.shape == (12, 6, 3, 3) and block.bn1.num_features == 12
+    assert block.conv2.weight.shape == (12, 12, 3, 3) and block.downsample[0].weight.shape == (12, 6, 1, 1)
+    assert block.bn2.num_features == block.downsample[1].num_features == 12 and pruned.fc.weight.shape == (10, 24)
     with torch.no_grad():
         assert pruned(torch.from_numpy(data.eval_set.example()["input"])).shape == (8, 10)
 
 
-def test_resnet18_dependencies_make_every_basic_block_first_conv_prunable():
+def test_resnet18_dependencies_group_each_stage_s_residual_channels_and_prune_every_conv():
     model = resnet18(num_classes=10).eval()
     traced = channels.traced_with_shapes(model, ModelIO.single(), {"input": torch.randn(2, 3, 32, 32)})
     groups, skipped = channels.ChannelDependencies(traced).groups()
-    first_convs = [f"layers.{index}.conv1" for index in range(8)]
-    assert [group.producer for group in groups] == first_convs
-    for group, block in zip(groups, model.layers):
-        assert group.batchnorms == [group.producer.replace("conv1", "bn1")]
-        assert group.consumers == {group.producer.replace("conv1", "conv2"): 1}
-    assert len(skipped) == 8 + 3 + 1 + 1  # conv2 of every block, 3 downsamples, the stem, the classifier
-    assert all("residual add" in reason for layer, reason in skipped.items() if layer != "fc")
+    assert skipped == {"fc": OUTPUT_REASON}  # was 13 of 21 layers: every conv feeding an add, and the classifier
+    assert sum(len(group.layers) for group in groups) == 20  # every conv: the stem, 16 in blocks, 3 projections
+    first_convs = [group for group in groups if len(group.producers) == 1]
+    assert [group.producers for group in first_convs] == [[f"layers.{index}.conv1"] for index in range(8)]
+    for group in first_convs:
+        assert group.batchnorms == [group.producers[0].replace("conv1", "bn1")]
+        assert group.consumers == {group.producers[0].replace("conv1", "conv2"): 1}
+    residual = [group for group in groups if len(group.producers) > 1]
+    assert [group.producers for group in residual] == [
+        ["stem.0", "layers.0.conv2", "layers.1.conv2"],
+        *([f"layers.{block}.downsample.0", f"layers.{block}.conv2", f"layers.{block + 1}.conv2"] for block in (2, 4, 6)),
+    ]
+    assert residual[1].batchnorms == ["layers.2.downsample.1", "layers.2.bn2", "layers.3.bn2"]
+    assert residual[1].consumers == {"layers.3.conv1": 1, "layers.4.downsample.0": 1, "layers.4.conv1": 1}
+    assert residual[-1].consumers == {"layers.7.conv1": 1, "fc": 1} and residual[-1].width == 512
 
 
 @pytest.mark.parametrize("global_ranking", [False, True], ids=["layer-wise", "global"])
@@ -283,14 +305,14 @@ def test_untraceable_model_is_refused_for_channels_but_magnitude_works(context, 
     ("model", "method", "expected"),
     [
         (
-            depthwise_net(),
+            grouped_net(),
             "channels",
-            r"no layer's output channels can be removed \(0: its channels feed grouped/depthwise convolution '2' \(groups=8\); "
-            r"2: grouped/depthwise convolution \(groups=8\): .*; 6: its channels are the model's output .*\); try method: magnitude",
+            r"no layer's output channels can be removed \(0: its channels feed grouped convolution '2' \(groups=2\), .*; "
+            r"2: grouped convolution \(groups=2, 8->8 channels\): .*; 6: its channels are the model's output .*\); try method: magnitude",
         ),
         (nn.Sequential(nn.Flatten(), nn.ReLU()), "magnitude", "the model has no Conv1d/2d/3d or Linear layer, so there is nothing to prune"),
     ],
-    ids=["channels-depthwise", "magnitude-no-layers"],
+    ids=["channels-grouped", "magnitude-no-layers"],
 )
 def test_model_with_nothing_prunable_is_a_clear_error(context, tmp_path, model, method, expected):
     with pytest.raises(StageError, match=expected):
@@ -311,7 +333,7 @@ def test_pruned_weights_and_history_reload_with_weights_only(context, tmp_path, 
     assert weights["features.0.0.weight"].shape[0] == 16
     history = output.product.meta["pruning"]
     conv = trained_cnn.features[0][0].weight
-    first = next(cut for cut in history if cut["producer"] == "features.0.0")
+    first = next(cut for cut in history if cut["producers"] == ["features.0.0"])
     assert first["kept"] == strongest_channels(conv, 16).tolist() and first["batchnorms"] == ["features.0.1"]
     reloaded = output.product.load()
     batch = feed_rows(data.eval_set.inputs, slice(0, 16))
