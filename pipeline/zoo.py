@@ -175,3 +175,20 @@ class ImageMetaNet(nn.Module):
 def image_meta_net(meta_features: int = 4, num_classes: int = 10, width: int = 16) -> ImageMetaNet:
     """A digits CNN that also takes a metadata vector and returns (logits, features)."""
     return ImageMetaNet(meta_features, num_classes, width)
+
+
+def add_weight_outlier(model: DigitsCNN, scale: float = 1000.0, channel: int = 0) -> DigitsCNN:
+    """A trained DigitsCNN whose FP32 outputs are unchanged but whose last conv per-channel INT8 weights are ruined, in place.
+
+    The second block's BatchNorm scales ``channel`` down by ``scale`` (ReLU and max pooling commute with a
+    positive scale) and the third conv's weights reading that channel grow by ``scale`` to compensate: in
+    every output channel of ``features.3.0`` one input channel's weights dominate the per-channel weight
+    scale, so INT8 rounds the other weights to zero. Only that layer needs FP32 to recover (an activation
+    outlier would need two: a tensor between layers is quantized when its producer or its consumer is).
+    """
+    norm, conv = model.features[1][1], model.features[3][0]
+    with torch.no_grad():
+        norm.weight[channel] /= scale
+        norm.bias[channel] /= scale
+        conv.weight[:, channel] *= scale
+    return model

@@ -192,7 +192,18 @@ def simplify_model(model: onnx.ModelProto, feeds: Feeds) -> onnx.ModelProto:
         raise StageError(f"export_onnx: onnxsim failed ({one_line(error)}); set simplify: false to keep the exporter's graph") from error
     if not check_ok:
         raise StageError("export_onnx: onnxsim's check found the simplified graph's outputs differ from the exported one; set simplify: false")
+    keep_node_metadata(model, simplified)
     return simplified
+
+
+def keep_node_metadata(exported: onnx.ModelProto, simplified: onnx.ModelProto) -> None:
+    """Copy each node's metadata (the exporter records the torch module path there) onto the simplified node of the
+    same name: onnxsim keeps node names but drops their metadata, and layers are named by module path downstream
+    (quantize_onnx's ``nodes_to_exclude`` patterns and fallback, sensitivity)."""
+    metadata = {node.name: list(node.metadata_props) for node in exported.graph.node if node.name and node.metadata_props}
+    for node in simplified.graph.node:
+        if not node.metadata_props and node.name in metadata:
+            node.metadata_props.extend(metadata[node.name])
 
 
 def example_feeds(ctx: StageContext, dims: list[str]) -> tuple[Feeds, Feeds]:

@@ -15,6 +15,14 @@ targets that compute in them: on this CPU FP16 convolutions ran 5-20x slower tha
 
 The result is pickled whole, loaded back from disk and compared with the input model on the eval split,
 scored by the recipe's task; ``fp32_layers`` lists every layer whose weight matrix stayed FP32, and why.
+
+In static and qat mode layers can be kept FP32 by module path (``keep_fp32``: fnmatch patterns such as
+``features.3.*``; their qconfig is set to None), or found automatically: with ``fallback: auto`` an INT8
+model whose metric drops more than ``max_drop`` below the input's on the eval split has its Conv/Linear
+layers ranked by how much leaving each alone FP32 recovers (static post-training trials, also for qat,
+which would otherwise train once per layer; ``pipeline.torchkit.sensitivity``, as the ``sensitivity``
+stage measures it), and the fewest most sensitive ones are kept FP32, one more at a time and each set
+quantized in the stage's mode, until the drop is within budget; ``fallback`` in the metrics records them.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.ao.nn.quantized.dynamic.modules.rnn import RNNBase, RNNCellBase
 from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
-from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping, quantize_dynamic
+from torch.ao.quantization import QConfigMapping, get_default_qat_qconfig_mapping, get_default_qconfig_mapping, quantize_dynamic
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 from pipeline.errors import StageError, one_line
@@ -47,10 +55,22 @@ from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ModelHandle, save_and_reload
 from pipeline.torchkit.model_io import ModelIO, flatten_outputs
 from pipeline.torchkit.runners import TorchRunner
+from pipeline.torchkit.sensitivity import (
+    Budget,
+    Build,
+    Layer,
+    Scorer,
+    matching_layers,
+    numbered,
+    ranked_by_recovery,
+    search_fallback,
+    within_budget,
+)
 from pipeline.torchkit.train import train_model
 
 # The parameters only some modes use; given with another mode they are refused, not ignored.
-MODE_PARAMETERS: dict[str, set[str]] = {"static": {"calibration_batches"}, "qat": {"epochs", "lr"}}
+GRAPH_PARAMETERS = {"keep_fp32", "fallback", "max_drop", "max_fallback_layers"}
+MODE_PARAMETERS: dict[str, set[str]] = {"static": {"calibration_batches"} | GRAPH_PARAMETERS, "qat": {"epochs", "lr"} | GRAPH_PARAMETERS}
 
 
 class Params(StageParams):
@@ -66,14 +86,26 @@ class Params(StageParams):
     )
     epochs: int = Field(default=2, ge=1, description="qat only: fine-tuning passes over the train data")
     lr: float = Field(default=1e-4, gt=0, description="qat only: Adam learning rate of the fine-tuning")
+    keep_fp32: list[str] = Field(
+        default_factory=list, description="static / qat: fnmatch patterns of module paths (Conv/Linear layers) to keep FP32"
+    )
+    fallback: Literal["none", "auto"] = Field(
+        default="none",
+        description="static / qat: auto keeps the fewest most sensitive layers FP32 until the drop vs the input is within max_drop",
+    )
+    max_drop: float = Field(
+        default=0.01, ge=0.0,
+        description="fallback auto: largest drop of the recipe's metric vs the input model on the eval split, in the metric's units",
+    )
+    max_fallback_layers: int = Field(default=8, ge=1, description="fallback auto: most layers it may keep FP32")
 
     @model_validator(mode="after")
     def parameters_belong_to_the_mode(self) -> "Params":
         """A parameter another mode uses is refused rather than silently ignored."""
         unused = sorted(self.model_fields_set - {"mode"} - MODE_PARAMETERS.get(self.mode, set()))
         if unused:
-            owner = next(mode for mode, names in MODE_PARAMETERS.items() if unused[0] in names)
-            raise ValueError(f"{unused[0]} applies to mode: {owner} only (mode is {self.mode}); remove it")
+            owners = " / ".join(mode for mode, names in MODE_PARAMETERS.items() if unused[0] in names)
+            raise ValueError(f"{unused[0]} applies to mode: {owners} only (mode is {self.mode}); remove it")
         return self
 
 
@@ -82,6 +114,8 @@ DYNAMIC_LAYERS = (nn.Linear, nn.LSTM, nn.GRU)
 DYNAMIC_COVERS = "Linear/LSTM/GRU/MultiheadAttention"
 SPLIT_TOLERANCE = 1e-5  # largest |split - packed| attention output, relative to the output's scale
 QUANTIZED_LAYERS = (WeightedQuantizedModule, RNNBase, RNNCellBase)
+# The layers static / qat keep_fp32 and fallback choose from: those the x86 qconfig gives INT8 weights.
+GRAPH_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # torch 2.13 deprecates torch.ao.quantization in favour of torchao, which is not a dependency here; the
@@ -127,27 +161,43 @@ def positional_example(model: nn.Module, io: ModelIO, tensors: dict[str, torch.T
     return tuple(inspect.signature(model.forward).bind(*args, **kwargs).args)
 
 
-def prepare_graph(model: nn.Module, mode: str, io: ModelIO, tensors: dict[str, torch.Tensor]) -> torch.fx.GraphModule:
-    """Trace ``model`` with FX and insert observers (static) or fake quantizers (qat)."""
+def graph_layers(model: nn.Module) -> list[Layer]:
+    """The Conv/Linear layers static / qat quantize, in module order: module path, class and position (``Conv2d#1``)."""
+    return numbered((name, type(module).__name__, name) for name, module in model.named_modules() if isinstance(module, GRAPH_LAYERS))
+
+
+def qconfig_mapping(mode: str, fp32: frozenset[str]) -> QConfigMapping:
+    """The default x86 qconfig mapping of ``mode``, with the ``fp32`` module paths left unquantized."""
+    mapping = get_default_qat_qconfig_mapping(BACKEND) if mode == "qat" else get_default_qconfig_mapping(BACKEND)
+    for name in sorted(fp32):
+        mapping.set_module_name(name, None)
+    return mapping
+
+
+def prepare_graph(model: nn.Module, mode: str, io: ModelIO, tensors: dict[str, torch.Tensor], fp32: frozenset[str] = frozenset()) -> torch.fx.GraphModule:
+    """Trace ``model`` with FX and insert observers (static) or fake quantizers (qat), except in the ``fp32`` modules."""
     try:
         example = positional_example(model, io, tensors)
         if mode == "qat":
-            return prepare_qat_fx(model.train(), get_default_qat_qconfig_mapping(BACKEND), example)
-        return prepare_fx(model.eval(), get_default_qconfig_mapping(BACKEND), example)
+            return prepare_qat_fx(model.train(), qconfig_mapping(mode, fp32), example)
+        return prepare_fx(model.eval(), qconfig_mapping(mode, fp32), example)
     except Exception as error:  # fx TraceError (a keyword forward, Python control flow), or an op the patterns cannot handle
         raise graph_mode_failure(mode, "trace and prepare", error, model) from error
 
 
-def calibrate(prepared: nn.Module, data: DataBundle, io: ModelIO, batches: int) -> int:
-    """Run up to ``batches`` train batches (every named input) through the observers; returns how many were used."""
-    used = 0
-    for inputs, _ in track(itertools.islice(data.train_batches(), batches), "quantize: calibrate", total=batches):
+def calibration_set(data: DataBundle, batches: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """The first ``batches`` train batches, kept so that every model quantized in one run is calibrated on the same ones."""
+    return list(itertools.islice(data.train_batches(), batches))
+
+
+def calibrate(prepared: nn.Module, calibration: list[tuple[dict[str, torch.Tensor], torch.Tensor]], io: ModelIO) -> int:
+    """Run the calibration batches (every named input) through the observers; returns how many were used."""
+    if not calibration:
+        raise StageError("quantize: the train loader yielded no batches; static calibration needs at least one")
+    for inputs, _ in track(calibration, "quantize: calibrate", total=len(calibration)):
         with torch.no_grad():
             io.call(prepared, inputs)
-        used += 1
-    if used == 0:
-        raise StageError("quantize: the train loader yielded no batches; static calibration needs at least one")
-    return used
+    return len(calibration)
 
 
 def convert_graph(prepared: torch.fx.GraphModule, mode: str) -> torch.fx.GraphModule:
@@ -283,24 +333,75 @@ def fp32_layers(model: nn.Module, mode: str, kept: dict[str, str]) -> dict[str, 
     return left
 
 
-def quantize_model(ctx: StageContext, model: nn.Module, params: Params) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
-    """The model in ``params.mode``, the metrics of how it was made, and the layers deliberately left FP32 with why."""
-    if params.mode in CAST_DTYPES:
-        return model.to(dtype=CAST_DTYPES[params.mode]), {"backend": "cpu"}, {}
-    use_x86_engine()
-    tensors = ctx.io.tensors(ctx.data.eval_set.example())
-    if params.mode == "dynamic":
-        quantized, kept = quantize_dynamic_int8(model, ctx.io, tensors)
-        return quantized, {"backend": BACKEND}, kept
-    prepared = prepare_graph(model, params.mode, ctx.io, tensors)
-    if params.mode == "static":
-        used = calibrate(prepared, ctx.data, ctx.io, params.calibration_batches)
-        return convert_graph(prepared, params.mode), {"backend": BACKEND, "calibration_batches": used}, {}
+Calibration = list[tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+def graph_int8(ctx: StageContext, model: nn.Module, mode: str, params: Params, calibration: Calibration,
+               fp32: frozenset[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` in FX static or qat INT8 but for the ``fp32`` modules, and the metrics of how it was made."""
+    prepared = prepare_graph(model, mode, ctx.io, ctx.io.tensors(ctx.data.eval_set.example()), fp32)
+    if mode == "static":
+        used = calibrate(prepared, calibration, ctx.io)
+        return convert_graph(prepared, mode), {"backend": BACKEND, "calibration_batches": used}
     _, final_loss = train_model(
         prepared, ctx.data.train, params.epochs, params.lr, description="quantize: qat", io=ctx.io, task=ctx.scoring.task
     )
-    made = {"backend": BACKEND, "epochs": params.epochs, "lr": params.lr, "final_train_loss": final_loss}
-    return convert_graph(prepared, params.mode), made, {}
+    return convert_graph(prepared, mode), {"backend": BACKEND, "epochs": params.epochs, "lr": params.lr, "final_train_loss": final_loss}
+
+
+def static_builder(ctx: StageContext, source: ModelHandle, params: Params, calibration: Calibration,
+                   keep: frozenset[str], scorer: Scorer) -> Build:
+    """Static INT8 of ``source`` with some layers kept FP32 (besides ``keep``) or one layer alone, predicting the scored rows."""
+    every = frozenset(layer.name for layer in graph_layers(source.load()))
+
+    def build(fp32: frozenset[str], alone: str | None) -> np.ndarray:
+        model, _ = graph_int8(ctx, source.load(), "static", params, calibration, keep | (every - {alone} if alone else fp32))
+        return predict_all(TorchRunner(model, ctx.io), scorer.feeds, description="sensitivity: predict")
+    return build
+
+
+def auto_fallback(ctx: StageContext, source: ModelHandle, params: Params, calibration: Calibration, keep: frozenset[str],
+                  first_model: tuple[nn.Module, dict[str, Any]], reference: np.ndarray) -> tuple[tuple[nn.Module, dict[str, Any]], Any]:
+    """``fallback: auto``: the fewest most sensitive layers kept FP32 until within ``max_drop``; (model, made) and the record."""
+    evaluation = ctx.data.eval_set
+    scorer = Scorer.of(ctx.scoring, evaluation.inputs, evaluation.targets, reference)
+
+    def figures_of(model: nn.Module):
+        return scorer.score(predict_all(TorchRunner(model, ctx.io), scorer.feeds, description="fallback: predict"))
+
+    first, budget = figures_of(first_model[0]), Budget(params.max_drop, params.max_fallback_layers)
+    if first.drop <= budget.max_drop + 1e-12:
+        return first_model, within_budget(first, budget)
+    build = static_builder(ctx, source, params, calibration, keep, scorer)
+    static_first = first if params.mode == "static" else scorer.score(build(frozenset(), None))
+    ranked = ranked_by_recovery([layer for layer in graph_layers(source.load()) if layer.name not in keep], build, scorer, static_first)
+
+    def trial(fp32: frozenset[str]) -> tuple[tuple[nn.Module, dict[str, Any]], Any]:
+        made = graph_int8(ctx, source.load(), params.mode, params, calibration, keep | fp32)
+        return made, figures_of(made[0])
+
+    return search_fallback(ranked, first, trial, budget, scorer.metric().name, "quantize")
+
+
+def quantize_model(ctx: StageContext, source: ModelHandle, params: Params, reference: np.ndarray) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
+    """The model in ``params.mode``, the metrics of how it was made, and the layers deliberately left FP32 with why."""
+    model = source.load()
+    if params.mode in CAST_DTYPES:
+        return model.to(dtype=CAST_DTYPES[params.mode]), {"backend": "cpu"}, {}
+    use_x86_engine()
+    if params.mode == "dynamic":
+        quantized, kept = quantize_dynamic_int8(model, ctx.io, ctx.io.tensors(ctx.data.eval_set.example()))
+        return quantized, {"backend": BACKEND}, kept
+    layers = graph_layers(model)
+    kept = {layer.name: "kept FP32 by keep_fp32" for layer in
+            matching_layers(params.keep_fp32, layers, "quantize", "keep_fp32", "a Conv/Linear module path of the model")}
+    calibration = calibration_set(ctx.data, params.calibration_batches) if params.mode == "static" or params.fallback == "auto" else []
+    quantized, made = graph_int8(ctx, model, params.mode, params, calibration, frozenset(kept))
+    if params.fallback == "auto":
+        (quantized, made), record = auto_fallback(ctx, source, params, calibration, frozenset(kept), (quantized, made), reference)
+        made["fallback"] = record.model_dump(mode="json")
+        kept |= {layer.name: "kept FP32 by fallback: auto" for layer in record.layers}
+    return quantized, made, kept
 
 
 def scored(ctx: StageContext, reference: np.ndarray, predictions: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
@@ -332,12 +433,13 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
     evaluation = ctx.data.eval_set
     reference = predict_all(TorchRunner(source.load(), ctx.io), evaluation.inputs, description="quantize: fp32")
     targets = ctx.scoring.task.prepare_targets(evaluation.targets, reference)
-    quantized, made, kept = quantize_model(ctx, source.load(), params)
+    quantized, made, kept = quantize_model(ctx, source, params, reference)
     product, reloaded = save_and_reload(quantized, ctx.workdir, "quantize", "quantized")
     predictions = predict_all(TorchRunner(reloaded, ctx.io), evaluation.inputs, description=f"quantize: {params.mode}")
     metrics = {
         "mode": params.mode,
         "calibration_batches": 0,
+        "fallback": None,
         **made,
         "quantized_layers": quantized_layer_counts(reloaded, params.mode),
         "fp32_layers": fp32_layers(reloaded, params.mode, kept),

@@ -16,11 +16,20 @@ must agree on at least ``min_agreement``; where it does not (regression, custom)
 so the outputs' relative error ``||int8 - input|| / ||input||`` must stay within ``max_relative_error``
 (a bound on the raw outputs, which every task's figures derive from, rather than a budget on one figure:
 that stays validate's ``max_drop``).
+
+Layers can be kept FP32 by pattern (``nodes_to_exclude``: fnmatch patterns matched against node names, the
+torch module paths the dynamo exporter records in node metadata, and stable positions such as ``Conv#3``,
+the 4th Conv in topological order, which survive a re-export), or found automatically: with
+``fallback: auto`` (static mode) a plain INT8 model whose metric drops more than ``max_drop`` below the
+input's on the eval split has its layers ranked by how much leaving each alone FP32 recovers
+(``pipeline.torchkit.sensitivity``, as the ``sensitivity`` stage measures it), and the fewest most
+sensitive ones are kept FP32, one more at a time, until the drop is within budget; ``fallback`` in the
+metrics records the layers, every set tried and whether the budget was met.
 """
 
 from __future__ import annotations
 
-import difflib
+import ast
 import itertools
 import re
 import shutil
@@ -35,16 +44,28 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.errors import StageError, one_line
 from pipeline.progress import track
 from pipeline.recipe.schema import FRACTION_FIGURES
+from pipeline.records.sensitivity import FallbackRecord
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ONNX_FILE, ModelHandle, OnnxModel
 from pipeline.torchkit.model_io import ModelIO, feeds_length
 from pipeline.torchkit.runners import OnnxRunner
+from pipeline.torchkit.sensitivity import (
+    Budget,
+    Build,
+    Layer,
+    Scorer,
+    matching_layers,
+    numbered,
+    ranked_by_recovery,
+    search_fallback,
+    within_budget,
+)
 
 
 class Params(StageParams):
@@ -81,8 +102,19 @@ class Params(StageParams):
         default_factory=list, description="only quantize these op types (e.g. [Conv, Gemm]); empty: every supported type"
     )
     nodes_to_exclude: list[str] = Field(
-        default_factory=list, description="names of nodes (in the input model) to keep in FP32, e.g. sensitive layers"
+        default_factory=list,
+        description="nodes to keep in FP32, e.g. sensitive layers: fnmatch patterns matched against node names, the torch "
+        "module paths the exporter recorded (features.3.*) and stable positions (Conv#3: the 4th Conv in topological order)",
     )
+    fallback: Literal["none", "auto"] = Field(
+        default="none",
+        description="static only: auto keeps the fewest most sensitive layers FP32 until the drop vs the input is within max_drop",
+    )
+    max_drop: float = Field(
+        default=0.01, ge=0.0,
+        description="fallback auto: largest drop of the recipe's metric vs the input model on the eval split, in the metric's units",
+    )
+    max_fallback_layers: int = Field(default=8, ge=1, description="fallback auto: most layers it may keep FP32")
     preprocess: bool = Field(
         default=True, description="run onnxruntime's quant_pre_process (shape inference, graph optimization) first"
     )
@@ -97,6 +129,13 @@ class Params(StageParams):
         "error ||int8 - input|| / ||input|| of the eval outputs",
     )
 
+    @model_validator(mode="after")
+    def fallback_needs_static(self) -> "Params":
+        """fallback: auto searches calibrated (static) models; dynamic mode has no activation ranges to blame."""
+        if self.fallback == "auto" and self.mode != "static":
+            raise ValueError("fallback: auto applies to mode: static only; set mode: static or fallback: none")
+        return self
+
 
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 CALIBRATE_METHODS = {
@@ -107,6 +146,9 @@ CALIBRATE_METHODS = {
 QUANT_FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 PREPROCESSED_FILE = "preprocessed.onnx"
 QUANTIZED_FILE = "quantized.onnx"
+TRIAL_FILE = "trial.onnx"
+# The op types counted as layers by sensitivity and fallback: those holding weights or mixing activations.
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 OPTIMIZED_FILE = "optimized.onnx"
 SCRATCH_FOLDER = "scratch"
 # onnxruntime.quantization's failures, by what their message mentions, and the parameter that fixes each.
@@ -146,14 +188,45 @@ def quantization_failure(error: BaseException, params: Params) -> StageError:
     return StageError(f"quantize_onnx: onnxruntime.quantization failed in {params.mode} mode ({message[:400]}); {advice}")
 
 
-def check_names(path: Path, params: Params) -> None:
-    """StageError for a node name (of the model about to be quantized) or an op type the quantizer would ignore."""
-    node_names = [node.name for node in onnx.load(str(path), load_external_data=False).graph.node]
-    for name in params.nodes_to_exclude:
-        if name not in node_names:
-            nearest = difflib.get_close_matches(name, node_names, n=1)
-            hint = f"did you mean '{nearest[0]}'?" if nearest else f"node names look like '{node_names[0]}'"
-            raise StageError(f"quantize_onnx: nodes_to_exclude names '{name}', which is not a node of the model; {hint}")
+def module_path(node: onnx.NodeProto) -> str | None:
+    """The torch module the dynamo exporter made ``node`` from (its ``pkg.torch.onnx.name_scopes`` metadata), or None.
+
+    The scopes run from the root to the op (``['', 'module', 'module.features', ..., 'relu_1']``); the last
+    module scope is the path, without the prefix of export_onnx's wrapper. A Conv with a BatchNorm folded into
+    it by the exporter carries the BatchNorm's scope (``features.0.1``), a sibling of the conv's.
+    """
+    metadata = {entry.key: entry.value for entry in node.metadata_props}
+    if "pkg.torch.onnx.name_scopes" not in metadata:
+        return None
+    scopes = ast.literal_eval(metadata["pkg.torch.onnx.name_scopes"])
+    classes = ast.literal_eval(metadata.get("pkg.torch.onnx.class_hierarchy", "[]"))
+    path = scopes[-2] if len(scopes) >= 2 else ""
+    if classes and classes[0].endswith("export_onnx.ExportedForward") and len(scopes) >= 3:
+        path = path.removeprefix(scopes[1]).removeprefix(".")
+    return path or None
+
+
+def graph_nodes(path: Path) -> list[Layer]:
+    """Every node of an ONNX file in topological order: name, op type, position (``Conv#3``) and torch module path."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return numbered((node.name, node.op_type, module_path(node)) for node in graph.node)
+
+
+def layers_of(nodes: list[Layer], params: Params) -> list[Layer]:
+    """The nodes counted as layers (``LAYER_OPS``, narrowed by ``op_types_to_quantize``), in topological order."""
+    wanted = set(params.op_types_to_quantize or LAYER_OPS) & set(LAYER_OPS)
+    return [node for node in nodes if node.op_type in wanted]
+
+
+def excluded_nodes(nodes: list[Layer], params: Params) -> list[str]:
+    """The names of the nodes ``nodes_to_exclude`` matches; StageError for a pattern matching none."""
+    return [node.name for node in matching_layers(params.nodes_to_exclude, nodes, "quantize_onnx", "nodes_to_exclude", "a node of the model")]
+
+
+def check_names(path: Path, params: Params) -> list[Layer]:
+    """The nodes of the model about to be quantized; StageError for a pattern matching none or an op type the quantizer would ignore."""
+    nodes = graph_nodes(path)
+    excluded_nodes(nodes, params)
     registries = (IntegerOpsRegistry,) if params.mode == "dynamic" else (QLinearOpsRegistry, QDQRegistry)
     supported = sorted(set().union(*registries))
     for op_type in params.op_types_to_quantize:
@@ -162,6 +235,7 @@ def check_names(path: Path, params: Params) -> None:
                 f"quantize_onnx: op_types_to_quantize has '{op_type}', which {params.mode} mode cannot quantize; "
                 f"choose from {', '.join(supported)}"
             )
+    return nodes
 
 
 def preprocess(source: Path, target: Path) -> None:
@@ -176,16 +250,25 @@ def preprocess(source: Path, target: Path) -> None:
         raise StageError(f"quantize_onnx: quant_pre_process failed ({one_line(error)[:400]}); set preprocess: false") from error
 
 
-def quantize(source: Path, target: Path, ctx: StageContext, input_runner: OnnxRunner, params: Params) -> TrainBatchReader | None:
-    """Write the quantized model; the calibration reader (static mode) tells how much data it read."""
+def calibration_set(ctx: StageContext, params: Params) -> list[Any]:
+    """The first ``calibration_batches`` train batches, kept so that every model quantized in one run sees the same ones."""
+    return list(itertools.islice(ctx.data.train, params.calibration_batches)) if params.mode == "static" else []
+
+
+def quantize(
+    source: Path, target: Path, ctx: StageContext, input_runner: OnnxRunner, params: Params,
+    calibration: list[Any], exclude: list[str], only: list[str] | None = None,
+) -> TrainBatchReader | None:
+    """Write the model quantized but for the ``exclude`` nodes (or only the ``only`` nodes); the calibration reader (static mode)."""
     common = {
         "per_channel": params.per_channel,
         "reduce_range": params.reduce_range,
         "weight_type": QUANT_TYPES[params.weight_type],
         "op_types_to_quantize": params.op_types_to_quantize or None,
-        "nodes_to_exclude": params.nodes_to_exclude,
+        "nodes_to_quantize": only,
+        "nodes_to_exclude": exclude,
     }
-    reader = TrainBatchReader(ctx.data.train, ctx.io, input_runner, params.calibration_batches) if params.mode == "static" else None
+    reader = TrainBatchReader(calibration, ctx.io, input_runner, params.calibration_batches) if params.mode == "static" else None
     try:
         if reader is None:
             quantize_dynamic(source, target, **common)
@@ -202,6 +285,37 @@ def quantize(source: Path, target: Path, ctx: StageContext, input_runner: OnnxRu
     except Exception as error:  # ValueError for refused arguments, onnxruntime errors while calibrating
         raise quantization_failure(error, params) from error
     return reader
+
+
+def trial_builder(source: Path, scratch: Path, ctx: StageContext, input_runner: OnnxRunner, params: Params,
+                  calibration: list[Any], exclude: list[str], scorer: Scorer) -> Build:
+    """Quantize ``source`` with some nodes kept FP32 (besides ``exclude``) or one node alone, and predict the scored rows."""
+    def build(fp32: frozenset[str], alone: str | None) -> np.ndarray:
+        target = scratch / TRIAL_FILE
+        quantize(source, target, ctx, input_runner, params, calibration, exclude + sorted(fp32), [alone] if alone else None)
+        return predict_all(OnnxRunner(target), scorer.feeds, description="sensitivity: predict")
+    return build
+
+
+def auto_fallback(source: Path, scratch: Path, ctx: StageContext, input_runner: OnnxRunner, params: Params,
+                  calibration: list[Any], exclude: list[str], nodes: list[Layer]) -> FallbackRecord:
+    """``fallback: auto``: keep the fewest most sensitive layers FP32 until ``scratch/quantized.onnx`` is within ``max_drop``."""
+    evaluation = ctx.data.eval_set
+    reference = predict_all(input_runner, evaluation.inputs, description="predict fp32")
+    scorer = Scorer.of(ctx.scoring, evaluation.inputs, evaluation.targets, reference)
+    first = scorer.score(predict_all(OnnxRunner(scratch / QUANTIZED_FILE), scorer.feeds, description="predict int8"))
+    budget = Budget(params.max_drop, params.max_fallback_layers)
+    if first.drop <= budget.max_drop + 1e-12:
+        return within_budget(first, budget)
+    build = trial_builder(source, scratch, ctx, input_runner, params, calibration, exclude, scorer)
+    ranked = ranked_by_recovery([node for node in layers_of(nodes, params) if node.name not in exclude], build, scorer, first)
+
+    def trial(fp32: frozenset[str]) -> tuple[None, Any]:
+        quantize(source, scratch / QUANTIZED_FILE, ctx, input_runner, params, calibration, exclude + sorted(fp32))
+        return None, scorer.score(predict_all(OnnxRunner(scratch / QUANTIZED_FILE), scorer.feeds, description="fallback: predict"))
+
+    _, record = search_fallback(ranked, first, trial, budget, scorer.metric().name, "quantize_onnx")
+    return record
 
 
 def optimize_for_runtime(source: Path, target: Path) -> None:
@@ -256,7 +370,7 @@ def compare_on_eval(ctx: StageContext, input_runner: OnnxRunner, path: Path, par
     metric = figures["metric"]
     change = f"{metric} {shown(metric, figures['value_input'])} -> {shown(metric, figures['value_quantized'])}"
     advice = ("try calibrate_method: percentile, " if params.mode == "static" else "try mode: static, ") + (
-        "more calibration_batches, or keep sensitive nodes in FP32 with nodes_to_exclude")
+        "more calibration_batches, or keep sensitive nodes in FP32 with nodes_to_exclude or fallback: auto")
     if figures["agreement"] is not None and not figures["agreement"] >= params.min_agreement:
         raise StageError(
             f"quantize_onnx: the INT8 model agrees with the input model on only {figures['agreement']:.1%} of the decisions "
@@ -282,8 +396,12 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         if params.preprocess:
             to_quantize = scratch / PREPROCESSED_FILE
             preprocess(source.path, to_quantize)
-        check_names(to_quantize, params)
-        reader = quantize(to_quantize, scratch / QUANTIZED_FILE, ctx, input_runner, params)
+        nodes = check_names(to_quantize, params)
+        exclude, calibration = excluded_nodes(nodes, params), calibration_set(ctx, params)
+        reader = quantize(to_quantize, scratch / QUANTIZED_FILE, ctx, input_runner, params, calibration, exclude)
+        fallback = None
+        if params.fallback == "auto":
+            fallback = auto_fallback(to_quantize, scratch, ctx, input_runner, params, calibration, exclude, nodes)
         optimize_for_runtime(scratch / QUANTIZED_FILE, scratch / OPTIMIZED_FILE)
         runtime_ops = op_counts(scratch / OPTIMIZED_FILE)
         path = ctx.workdir / ONNX_FILE
@@ -301,6 +419,8 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
         "per_channel": params.per_channel,
         "activation_type": params.activation_type if static else "uint8",
         "weight_type": params.weight_type,
+        "excluded_nodes": exclude,
+        "fallback": None if fallback is None else fallback.model_dump(mode="json"),
         "bytes_before": source.size_bytes,
         "bytes_after": path.stat().st_size,
         "size_ratio": source.size_bytes / path.stat().st_size,

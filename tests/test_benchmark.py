@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from pipeline.recipe import load_recipe
 from pipeline.run.contract import StageContext
+from pipeline.torchkit import timing
 from pipeline.torchkit.data import build_data
 from pipeline.torchkit.handles import save_torch_module
 from pipeline.torchkit.model_io import ModelIO
@@ -67,7 +68,7 @@ class RecordingRunner:
 
 def test_rounds_interleave_the_baseline_and_every_variant(monkeypatch, tmp_path):
     calls: list[str] = []
-    monkeypatch.setattr(benchmark, "runner_for", lambda handle, model_io: RecordingRunner(handle.path.parent.name, calls))
+    monkeypatch.setattr(timing, "runner_for", lambda handle, model_io: RecordingRunner(handle.path.parent.name, calls))
     handles = {}
     for name in ("baseline", "a", "b"):
         (tmp_path / name).mkdir()

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
     latest = add("latest", nightly_commands.command_latest, "print the model file of a variant of a recipe's newest good nightly run")
     latest.add_argument("recipe", help="recipe file or recipe name")
-    latest.add_argument("--variant", required=False, default=None, help="stage name of the variant, e.g. onnx")
+    latest.add_argument("--variant", required=False, default=None, help="stage name of the variant, e.g. onnx (default: the select stage's choice)")
     latest.add_argument("--json", action="store_true", help="print the whole 'latest' entry")
     schedule = add("schedule", nightly_commands.command_schedule, "schedule nightly re-optimization of the newest checkpoint as a Prefect deployment")
     schedule.add_argument("recipe", nargs="?")

@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
@@ -57,7 +58,7 @@ def stages_now(plan: Any, ended: dict[str, dict[str, Any]], ready_since: dict[st
             seconds = f"{now - ready_since.setdefault(name, now):.1f}"
         else:
             state, seconds = "waiting", ""
-        table.add_row(name, plan.recipe.stages[name].uses, f"[{STATE_COLORS.get(state, 'white')}]{state}[/]", seconds)
+        table.add_row(escape(name), plan.uses_of(name), f"[{STATE_COLORS.get(state, 'white')}]{state}[/]", seconds)
     return table
 
 

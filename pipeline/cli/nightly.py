@@ -20,13 +20,11 @@ def recipe_name(reference: str) -> str:
 
 
 def command_latest(args: argparse.Namespace) -> int:
-    """optipipe latest RECIPE --variant NAME"""
+    """optipipe latest RECIPE [--variant NAME]: without --variant, the model the run's select stage chose."""
     from pipeline.nightly.promotion import latest_artifact, read_state
 
     store = open_store(args)
     name = recipe_name(args.recipe)
-    if not args.json and not args.variant:
-        raise OptipipeError("latest needs --variant NAME (a stage name such as onnx), or --json for the whole entry")
     if args.json:
         print_json(read_state(store, name)["latest"])
         return 0

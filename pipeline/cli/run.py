@@ -65,17 +65,32 @@ def command_validate(args: argparse.Namespace) -> int:
     if args.json:
         print_json(plan_json(plan))
         return 0
-    console.print(f"{args.recipe}: ok — recipe '{plan.recipe.name}', {len(plan.order)} stages: {' → '.join(plan.order)}")
+    console.print(f"{args.recipe}: ok — recipe '{plan.recipe.name}', {len(plan.order)} stages: {' → '.join(plan.order)}",
+                  markup=False)
+    for expansion in plan.expansions():
+        console.print(expansion_line(expansion), markup=False)
     return 0
 
 
+def expansion_line(expansion: dict[str, Any]) -> str:
+    """One stage's expansion in words, e.g. ``pruned: matrix 3 - 1 excluded = 2 branches: pruned[amount=0.25], ...``."""
+    combinations, excluded, upstream = expansion["matrix"], expansion["excluded"], expansion["per_branch_of"]
+    text = f"matrix {combinations}{f' - {excluded} excluded' if excluded else ''}" if combinations else ""
+    if upstream:
+        text += f" = {combinations - excluded} per branch of {upstream}" if combinations else f"one per branch of {upstream}"
+    branches = expansion["branches"]
+    return f"{expansion['stage']}: {text} = {len(branches)} branches: {', '.join(branches)}"
+
+
 def plan_json(plan: Any) -> dict[str, Any]:
-    """A checked recipe as JSON: its name, digest, baseline, stage order, and each stage's uses, needs and parameters."""
+    """A checked recipe as JSON: its name, digest, baseline, stage order, matrix expansions, and each stage's uses,
+    needs, parameters, the recipe stage it is a branch of and its matrix label."""
     return {
         "recipe": plan.recipe.name, "path": str(plan.path), "digest": plan.digest, "baseline": plan.baseline,
-        "order": plan.order,
-        "stages": {name: {"uses": plan.recipe.stages[name].uses, "needs": plan.needs_of(name),
-                          "params": plan.params[name].model_dump(mode="json")} for name in plan.order},
+        "order": plan.order, "expansions": plan.expansions(),
+        "stages": {name: {"uses": plan.uses_of(name), "needs": plan.needs_of(name),
+                          "params": plan.params[name].model_dump(mode="json"),
+                          "branch_of": plan.stages[name].stage, "label": dict(plan.stages[name].label)} for name in plan.order},
     }
 
 
@@ -84,7 +99,7 @@ def check_checkpoint_fits(plan: Any, checkpoint_path: Path) -> None:
     ``CheckpointError`` (or ``RecipeError`` for the factory) when they do not fit."""
     from stages import load_checkpoint
 
-    loads = [name for name in plan.order if plan.recipe.stages[name].uses == "load_checkpoint"]
+    loads = [name for name in plan.order if plan.uses_of(name) == "load_checkpoint"]
     params = plan.params[loads[0]] if loads else load_checkpoint.Params()
     load_checkpoint.fit_checkpoint(checkpoint_path, plan.recipe.model, params)
 
@@ -92,6 +107,7 @@ def check_checkpoint_fits(plan: Any, checkpoint_path: Path) -> None:
 def plan_tree(plan: Any, cached: dict[str, Any] | None) -> Any:
     """The DAG as a rich tree: each stage under the first stage it needs, naming the others it needs, with
     its state (cached or will run; none without a checkpoint)."""
+    from rich.markup import escape
     from rich.tree import Tree
 
     tree = Tree(f"[bold]{plan.recipe.name}[/] · {plan.path}")
@@ -101,7 +117,7 @@ def plan_tree(plan: Any, cached: dict[str, Any] | None) -> Any:
         also = f" · also needs {', '.join(needs[1:])}" if len(needs) > 1 else ""
         state = "" if cached is None else f" · {STATE_LABELS[cached[name] is not None]}"
         parent = branches[needs[0]] if needs else tree
-        branches[name] = parent.add(f"[bold]{name}[/] ({plan.recipe.stages[name].uses}){also}{state}")
+        branches[name] = parent.add(f"[bold]{escape(name)}[/] ({plan.uses_of(name)}){escape(also)}{state}")
     return tree
 
 

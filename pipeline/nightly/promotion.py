@@ -3,7 +3,8 @@
 ``flows.nightly`` strings these together around the ``optimize`` flow. Per recipe the store keeps
 ``<store>/nightly/<recipe>.json``: every nightly run (checkpoint, state, regressions) and ``latest``,
 the newest run that succeeded without regressions, whose artifacts deployers fetch with
-``optipipe latest RECIPE --variant NAME``. When that file is truncated or not a JSON object the state is
+``optipipe latest RECIPE --variant NAME``, or without ``--variant`` the model a ``select`` stage of that run
+chose (``latest.chosen``). When that file is truncated or not a JSON object the state is
 rebuilt from the run records (nightly runs carry a ``nightly`` key), with a warning; the next night
 rewrites the file and keeps the damaged one beside it as ``<recipe>.json.damaged``. An object with a
 wrong field is an error naming it, not guessed around.
@@ -25,6 +26,7 @@ from pipeline.records.models import Manifest
 from pipeline.records.nightly_state import LatestEntry, NightEntry, NightlyState
 from pipeline.records.parse import parse_record
 from pipeline.records.store import MANIFEST_FILE, ArtifactStore
+from pipeline.records.variants import chosen_stage
 from pipeline.review.compare import compare_runs
 
 
@@ -74,7 +76,8 @@ def rebuild_state(store: ArtifactStore, recipe_name: str) -> NightlyState:
             variants = variant_artifacts(record)
         except (OSError, json.JSONDecodeError, StoreError):
             continue  # its artifacts were collected: an older night may still be fetchable
-        state.latest = LatestEntry(run_id=night.run_id, checkpoint=night.checkpoint, promoted_at=night.at, variants=variants)
+        state.latest = LatestEntry(run_id=night.run_id, checkpoint=night.checkpoint, promoted_at=night.at, variants=variants,
+                                   **chosen_field(record))
         break
     return state
 
@@ -127,6 +130,13 @@ def variant_artifacts(record: dict[str, Any]) -> dict[str, str]:
     return files
 
 
+def chosen_field(record: dict[str, Any]) -> dict[str, str]:
+    """``{"chosen": stage}`` when the run has a finished select stage (the model ``optipipe latest`` gives without
+    ``--variant``), else nothing: ``latest`` entries of runs without one stay as they were."""
+    chosen = chosen_stage(record)
+    return {} if chosen is None else {"chosen": chosen}
+
+
 def record_night(store: ArtifactStore, record: dict[str, Any], checkpoint: CheckpointChoice, verdict: dict[str, Any]) -> bool:
     """Append tonight to the recipe's history; promote it to ``latest`` when it succeeded without regressions."""
     name = record["recipe"]["name"]
@@ -158,7 +168,7 @@ def _append_night(store: ArtifactStore, name: str, record: dict[str, Any], check
     ))
     if promoted:
         state.latest = LatestEntry(run_id=record["run_id"], checkpoint=str(checkpoint.path), promoted_at=now,
-                                   variants=variant_artifacts(record))
+                                   variants=variant_artifacts(record), **chosen_field(record))
     store.write_json(state_path(store, name), state.model_dump(mode="json"))
     return promoted
 
@@ -174,14 +184,19 @@ def latest_reference(store: ArtifactStore, recipe_name: str) -> dict[str, Any] |
         return None
 
 
-def latest_artifact(store: ArtifactStore, recipe_name: str, variant: str) -> str:
-    """The model file of ``variant`` in the recipe's promoted ``latest`` run."""
+def latest_artifact(store: ArtifactStore, recipe_name: str, variant: str | None = None) -> str:
+    """The model file of ``variant`` in the recipe's promoted ``latest`` run; without one, of the variant that run's
+    select stage chose."""
     latest = load_state(store, recipe_name).latest
     if latest is None:
         raise NightlyError(
             f"recipe '{recipe_name}' has no promoted nightly result in store {store.root}; "
             "a nightly run must succeed without regressions first (optipipe schedule, or flows.nightly)"
         )
+    variant = variant or latest.chosen
+    if variant is None:
+        raise NightlyError(f"latest run {latest.run_id} of '{recipe_name}' has no select stage to choose a variant; "
+                           f"pass --variant NAME (one of {', '.join(sorted(latest.variants))})")
     if variant not in latest.variants:
         raise NightlyError(f"--variant '{variant}': latest run {latest.run_id} of '{recipe_name}' has {', '.join(sorted(latest.variants))}")
     return latest.variants[variant]

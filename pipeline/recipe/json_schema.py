@@ -24,11 +24,27 @@ def params_definitions(uses: str) -> dict[str, Any]:
     return definitions
 
 
+def matrix_schema(params_schema: dict[str, Any]) -> dict[str, Any]:
+    """A ``matrix`` of stage ``uses``: its keys are the stage's parameters, each a non-empty list of that parameter's values."""
+    return {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            key: {"type": "array", "minItems": 1, "items": {name: value for name, value in schema.items() if name != "default"}}
+            for key, schema in params_schema.get("properties", {}).items()
+        },
+    }
+
+
 def with_rule(uses: str, params_schema: dict[str, Any]) -> dict[str, Any]:
-    """``if uses == <uses> then with: <uses>.Params``; ``with`` is required when the params have required keys."""
-    then: dict[str, Any] = {"properties": {"with": {"$ref": f"#/$defs/{uses}.Params"}}}
+    """``if uses == <uses> then with: <uses>.Params``; ``with`` is required when the params have required keys, unless
+    the stage has a ``matrix``: then the matrix may give them (the planner checks every branch has them) and its
+    keys are checked as the stage's parameters."""
+    plain: dict[str, Any] = {"properties": {"with": {"$ref": f"#/$defs/{uses}.Params"}}}
     if params_schema.get("required"):
-        then["required"] = ["with"]
+        plain["required"] = ["with"]
+    partial = f"#/$defs/{uses}.ParamsWithMatrix" if params_schema.get("required") else f"#/$defs/{uses}.Params"
+    matrixed = {"properties": {"with": {"$ref": partial}, "matrix": matrix_schema(params_schema)}}
+    then = {"if": {"required": ["matrix"]}, "then": matrixed, "else": plain}
     return {"if": {"properties": {"uses": {"const": uses}}, "required": ["uses"]}, "then": then}
 
 
@@ -40,6 +56,9 @@ def recipe_json_schema() -> dict[str, Any]:
     stage_spec["allOf"] = []
     for uses in stage_names():
         definitions = params_definitions(uses)
+        if definitions[f"{uses}.Params"].get("required"):  # with a matrix, ``with`` may leave required keys to it
+            params_schema = definitions[f"{uses}.Params"]
+            definitions[f"{uses}.ParamsWithMatrix"] = {key: value for key, value in params_schema.items() if key != "required"}
         schema["$defs"].update(definitions)
         stage_spec["allOf"].append(with_rule(uses, definitions[f"{uses}.Params"]))
     return schema

@@ -1,7 +1,14 @@
-"""Recipes: YAML loading with file:line errors, and the stage DAG with its checks.
+"""Recipes: YAML loading with file:line errors, and the stage DAG with its checks and matrix expansion.
 
 Everything that can be wrong with a recipe is found here, before any stage runs: unknown keys or
-stages, mistyped parameters, unknown ``needs``, cycles, and stages fed a model kind they cannot take.
+stages, mistyped parameters, unknown ``needs``, cycles, stages fed a model kind they cannot take, and
+matrices that name no branch.
+
+A stage with a ``matrix`` becomes one branch per combination of its values (less the ``exclude`` rows),
+named ``stage[key=value,...]``; a one-input stage downstream of a branch runs once per branch and carries
+its label (``distilled[amount=0.5]``), a stage with its own matrix there adds its keys to the label, and a
+many-input stage (validate, benchmark) takes every branch of each stage it needs. Stages without a matrix
+upstream keep their recipe names, so their cache keys are those of the same recipe without a matrix.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import difflib
 import graphlib
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -19,14 +27,43 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import RecipeError
 from pipeline.imports import add_search_path, check_reference
-from pipeline.recipe.schema import STAGE_NAME_PATTERN, Recipe, StageSpec
+from pipeline.recipe.schema import STAGE_NAME_PATTERN, MatrixValue, Recipe, StageSpec
 from pipeline.recipe.yaml_lines import LineMap, load_yaml_value, load_yaml_with_lines
 from pipeline.run.registry import declaration, stage_names
+
+Label = tuple[tuple[str, MatrixValue], ...]  # the matrix assignments that make a branch, keys in recipe order
+REFUSED_IN_VALUES = "/[],="  # characters that would make a branch name a path or ambiguous
+
+
+def format_value(value: MatrixValue) -> str:
+    """A matrix value as YAML writes it: true/false, 0.5, strings bare."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def format_label(label: Label) -> str:
+    """``key=value,...`` in the label's order."""
+    return ",".join(f"{key}={format_value(value)}" for key, value in label)
+
+
+def branch_name(stage: str, label: Label) -> str:
+    """``stage[key=value,...]`` for a branch, the stage's own name when the label is empty."""
+    return f"{stage}[{format_label(label)}]" if label else stage
+
+
+@dataclass(frozen=True)
+class PlanStage:
+    """One stage as the plan runs it: a recipe stage, or one branch of a recipe stage expanded by a matrix."""
+
+    name: str
+    stage: str  # the recipe's name for the stage it is a branch of (its own name when not a branch)
+    uses: str
+    needs: list[str]
+    label: Label
 
 
 @dataclass
 class Plan:
-    """A checked recipe ready to run: validated params per stage and a topological order."""
+    """A checked recipe ready to run: its stages with matrices expanded, validated params per stage, a topological order."""
 
     recipe: Recipe
     path: Path
@@ -34,15 +71,48 @@ class Plan:
     params: dict[str, BaseModel]
     order: list[str]
     baseline: str
+    stages: dict[str, PlanStage]
 
     def needs_of(self, name: str) -> list[str]:
         """Upstream stages whose outputs are ``name``'s inputs."""
-        return self.recipe.stages[name].needs
+        return self.stages[name].needs
+
+    def uses_of(self, name: str) -> str:
+        """The stage implementation plan stage ``name`` runs."""
+        return self.stages[name].uses
+
+    def branches_of(self, stage: str) -> list[str]:
+        """The plan stages of recipe stage ``stage``, in plan order: its branches, or itself alone."""
+        return [name for name in self.order if self.stages[name].stage == stage]
+
+    def trials(self) -> list[Label]:
+        """The run's trials in plan order: each a combination of matrix labels no other stage's label extends."""
+        labels = list(dict.fromkeys(self.stages[name].label for name in self.order if self.stages[name].label))
+        return [label for label in labels if not any(set(label) < set(other) for other in labels)]
+
+    def trials_of(self, name: str) -> list[Label]:
+        """The trials stage ``name`` is part of (none for a stage outside every matrix branch)."""
+        label = set(self.stages[name].label)
+        return [trial for trial in self.trials() if label <= set(trial)] if label else []
+
+    def expansions(self) -> list[dict[str, Any]]:
+        """Each recipe stage that runs as branches, in plan order: its matrix's combinations (0 without one), how many
+        ``exclude`` removed, the need it runs once per branch of (None: none), and its branches."""
+        found = []
+        for stage in dict.fromkeys(self.stages[name].stage for name in self.order):
+            spec, branches = self.recipe.stages[stage], self.branches_of(stage)
+            if not spec.matrix and len(branches) == 1:
+                continue
+            combinations = len(matrix_combinations(spec)) if spec.matrix else 0
+            upstream = spec.needs[0] if declaration(spec.uses).inputs == "one" and len(self.branches_of(spec.needs[0])) > 1 else None
+            excluded = combinations - len(kept_combinations(spec)) if spec.matrix else 0
+            found.append({"stage": stage, "matrix": combinations, "excluded": excluded, "per_branch_of": upstream, "branches": branches})
+        return found
 
     def uses_baseline(self, name: str) -> bool:
         """True when stage ``name`` is handed the FP32 baseline besides its inputs (``ctx.baseline``), as its
         declaration says for its params; the baseline stage itself never is."""
-        declared = declaration(self.recipe.stages[name].uses)
+        declared = declaration(self.uses_of(name))
         return name != self.baseline and declared.wants_baseline(self.params[name])
 
     def waits_for(self, name: str) -> list[str]:
@@ -51,10 +121,10 @@ class Plan:
         upstream = list(self.needs_of(name))
         if self.uses_baseline(name) and self.baseline not in upstream:
             upstream.append(self.baseline)
-        if declaration(self.recipe.stages[name].uses).runs_alone:
+        if declaration(self.uses_of(name)).runs_alone:
             upstream += [
                 other for other in self.order
-                if other not in upstream and not declaration(self.recipe.stages[other].uses).runs_alone
+                if other not in upstream and not declaration(self.uses_of(other)).runs_alone
             ]
         return upstream
 
@@ -65,11 +135,16 @@ def _suggest(word: str, choices: list[str]) -> str:
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: list[str], path: Path) -> None:
-    """Apply ``--set STAGE.PARAM=VALUE`` (VALUE parsed as YAML) to the raw recipe mapping."""
+    """Apply ``--set STAGE.PARAM=VALUE`` (VALUE parsed as YAML) to the raw recipe mapping.
+
+    STAGE is a recipe stage: on a stage with a matrix the value is set in ``with``, so in every branch; a branch
+    name (``pruned[amount=0.5]``) and a matrix key as PARAM are refused (edit the matrix's values in the recipe)."""
     stages = raw.get("stages") if isinstance(raw.get("stages"), dict) else {}
     for override in overrides:
         target, sep, value_text = override.partition("=")
         stage_name, dot, param = target.partition(".")
+        if "[" in target:
+            raise RecipeError(f"--set {override!r}: name the recipe stage, not a branch; --set STAGE.PARAM=VALUE sets it in every branch")
         if not sep or not dot or not param:
             raise RecipeError(f"--set {override!r}: write it as STAGE.PARAM=VALUE, e.g. int8.calibration_batches=32")
         if stage_name not in stages:
@@ -77,6 +152,8 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], path: Path) -> N
         stage = stages[stage_name]
         if not isinstance(stage, dict):
             continue  # not a stage mapping: validating the recipe names the problem with its line
+        if isinstance(stage.get("matrix"), dict) and param in stage["matrix"]:
+            raise RecipeError(f"--set {override!r}: '{param}' is a matrix key of stage '{stage_name}'; edit its list of values in {path}")
         if not isinstance(stage.get("with"), dict):
             stage["with"] = {}
         stage["with"][param] = load_yaml_value(value_text, f"--set {override!r}")
@@ -87,7 +164,8 @@ def _error_message(path: Path, lines: LineMap, loc: tuple[Any, ...], message: st
     return f"{path}:{lines.line_of(loc)}: {where}: {message}"
 
 
-def _pydantic_errors(path: Path, lines: LineMap, error: ValidationError, prefix: tuple[Any, ...], fields: list[str]) -> RecipeError:
+def _pydantic_errors(path: Path, lines: LineMap, error: ValidationError, prefix: tuple[Any, ...], fields: list[str],
+                     note: str = "") -> RecipeError:
     first = error.errors()[0]
     loc = prefix + tuple(first["loc"])
     message = first["msg"]
@@ -99,7 +177,7 @@ def _pydantic_errors(path: Path, lines: LineMap, error: ValidationError, prefix:
         message = f"{message} (got {first['input']!r})"
     more = len(error.errors()) - 1
     suffix = f" [and {more} more problem{'s' * (more > 1)}]" if more else ""
-    return RecipeError(_error_message(path, lines, loc, message) + suffix)
+    return RecipeError(_error_message(path, lines, loc, note + message) + suffix)
 
 
 def _check_section_keys(path: Path, lines: LineMap, error: ValidationError) -> RecipeError:
@@ -117,7 +195,7 @@ def _check_section_keys(path: Path, lines: LineMap, error: ValidationError) -> R
     return _pydantic_errors(path, lines, error, (), names)
 
 
-def _check_stage(path: Path, lines: LineMap, recipe: Recipe, name: str) -> BaseModel:
+def _check_stage(path: Path, lines: LineMap, recipe: Recipe, name: str) -> None:
     spec = recipe.stages[name]
     loc = ("stages", name)
     if not re.match(STAGE_NAME_PATTERN, name):
@@ -136,11 +214,117 @@ def _check_stage(path: Path, lines: LineMap, recipe: Recipe, name: str) -> BaseM
         raise RecipeError(_error_message(path, lines, loc + ("needs",), f"'{spec.uses}' takes exactly one input; 'needs' lists {len(spec.needs)}"))
     if declared.inputs == "many" and not spec.needs:
         raise RecipeError(_error_message(path, lines, loc + ("needs",), f"'{spec.uses}' needs at least one input stage"))
+    fields = [info.alias or field for field, info in declared.params.model_fields.items()]
+    for key in spec.matrix:
+        if key not in fields:
+            raise RecipeError(_error_message(path, lines, loc + ("matrix", key), f"unknown parameter '{key}' of '{spec.uses}'{_suggest(key, fields)}"))
+    _check_matrix(path, lines, name, spec)
+
+
+def _same(value: MatrixValue, other: MatrixValue) -> bool:
+    """Equal matrix values, true never equal to 1."""
+    return value == other and isinstance(value, bool) == isinstance(other, bool)
+
+
+def _value_problem(value: MatrixValue) -> str | None:
+    """Why a matrix value cannot be part of a branch name (None: it can)."""
+    if isinstance(value, str) and not value.strip():
+        return "is blank"
+    if isinstance(value, str) and any(char in value for char in REFUSED_IN_VALUES):
+        return f"holds one of {' '.join(REFUSED_IN_VALUES)}"
+    return None
+
+
+def _check_matrix(path: Path, lines: LineMap, name: str, spec: StageSpec) -> None:
+    """A matrix's keys are not in ``with``, each lists distinct values that can name a branch, and the ``exclude``
+    rows name its keys and values and leave at least one combination."""
+    loc = ("stages", name, "matrix")
+    for key, values in spec.matrix.items():
+        if key in spec.with_:
+            raise RecipeError(_error_message(path, lines, loc + (key,), f"'{key}' is both in 'with' and in 'matrix'; give it in one"))
+        if not values:
+            raise RecipeError(_error_message(path, lines, loc + (key,), f"matrix key '{key}' has no values; list at least one"))
+        for index, value in enumerate(values):
+            problem = _value_problem(value)
+            if problem:
+                raise RecipeError(_error_message(path, lines, loc + (key, index), f"matrix value {value!r} of '{key}' {problem}, "
+                                                 "so it cannot name a branch; use a plain word or number"))
+            if any(_same(value, earlier) for earlier in values[:index]):
+                raise RecipeError(_error_message(path, lines, loc + (key, index), f"matrix key '{key}' lists {format_value(value)} twice"))
+    for row_index, row in enumerate(spec.exclude):
+        for key, value in row.items():
+            where = ("stages", name, "exclude", row_index, key)
+            if key not in spec.matrix:
+                hint = _suggest(key, list(spec.matrix)) if spec.matrix else "; this stage has no matrix"
+                raise RecipeError(_error_message(path, lines, where, f"exclude names '{key}', which is not a matrix key{hint}"))
+            if not any(_same(value, listed) for listed in spec.matrix[key]):
+                listed = ", ".join(format_value(item) for item in spec.matrix[key])
+                raise RecipeError(_error_message(path, lines, where,
+                                                 f"exclude names {key}: {format_value(value)}, which is not one of its matrix values ({listed})"))
+    if spec.exclude and not kept_combinations(spec):
+        total = len(matrix_combinations(spec))
+        raise RecipeError(_error_message(path, lines, ("stages", name, "exclude"),
+                                         f"exclude removes all {total} combinations of the matrix; leave at least one"))
+
+
+def matrix_combinations(spec: StageSpec) -> list[Label]:
+    """Every combination of a stage's matrix, keys in the order written, the last key changing fastest (one empty
+    label without a matrix)."""
+    return [tuple(zip(spec.matrix, values)) for values in itertools.product(*spec.matrix.values())]
+
+
+def kept_combinations(spec: StageSpec) -> list[Label]:
+    """The combinations of a stage's matrix that no ``exclude`` row matches."""
+    def excluded(label: Label) -> bool:
+        assigned = dict(label)
+        return any(all(_same(assigned[key], value) for key, value in row.items()) for row in spec.exclude)
+
+    return [label for label in matrix_combinations(spec) if not excluded(label)]
+
+
+def _branch_params(path: Path, lines: LineMap, name: str, spec: StageSpec, label: Label) -> BaseModel:
+    """The stage's params for one combination of its matrix (``with`` plus the label), checked by its ``Params``."""
+    params = declaration(spec.uses).params
     try:
-        return declared.params.model_validate(spec.with_)
+        return params.model_validate({**spec.with_, **dict(label)})
     except ValidationError as error:
-        fields = [info.alias or field for field, info in declared.params.model_fields.items()]
-        raise _pydantic_errors(path, lines, error, loc + ("with",), fields) from None
+        first = error.errors()[0]["loc"]
+        section = "matrix" if first and first[0] in spec.matrix else "with"
+        fields = [info.alias or field for field, info in params.model_fields.items()]
+        note = f"branch {branch_name(name, label)}: " if label else ""
+        raise _pydantic_errors(path, lines, error, ("stages", name, section), fields, note) from None
+
+
+def _expand(path: Path, lines: LineMap, recipe: Recipe, order: list[str]) -> tuple[dict[str, PlanStage], dict[str, BaseModel]]:
+    """The plan's stages in order, matrices expanded (see the module's docstring), and each one's params."""
+    stages: dict[str, PlanStage] = {}
+    params: dict[str, BaseModel] = {}
+    branches: dict[str, list[PlanStage]] = {}
+    for name in order:
+        spec = recipe.stages[name]
+        if declaration(spec.uses).inputs == "many":
+            bases: list[tuple[Label, list[str]]] = [((), [branch.name for need in spec.needs for branch in branches[need]])]
+        else:
+            bases = [(branch.label, [branch.name]) for need in spec.needs for branch in branches[need]] or [((), [])]
+        _check_label_keys(path, lines, name, spec, [label for label, _ in bases])
+        own = [(label, _branch_params(path, lines, name, spec, label)) for label in kept_combinations(spec)]
+        branches[name] = []
+        for (upstream_label, needs), (label, branch_params) in itertools.product(bases, own):
+            stage = PlanStage(name=branch_name(name, upstream_label + label), stage=name, uses=spec.uses, needs=needs,
+                              label=upstream_label + label)
+            stages[stage.name], params[stage.name] = stage, branch_params
+            branches[name].append(stage)
+    return stages, params
+
+
+def _check_label_keys(path: Path, lines: LineMap, name: str, spec: StageSpec, upstream: list[Label]) -> None:
+    """A stage's matrix keys are not keys of the upstream branches' labels, so no branch name repeats a key."""
+    for label in upstream:
+        for key, _ in label:
+            if key in spec.matrix:
+                raise RecipeError(_error_message(path, lines, ("stages", name, "matrix", key),
+                                                 f"matrix key '{key}' is already in the label of upstream branch "
+                                                 f"'{branch_name(spec.needs[0], label)}'; a branch name holds each key once"))
 
 
 def _check_kinds(path: Path, lines: LineMap, recipe: Recipe) -> None:
@@ -187,7 +371,7 @@ def factory_references(value: Any, loc: tuple = ()) -> list[tuple[tuple, str]]:
     return found
 
 
-def _check_factories(path: Path, lines: LineMap, recipe: Recipe, params: dict[str, BaseModel]) -> None:
+def _check_factories(path: Path, lines: LineMap, recipe: Recipe, stages: dict[str, PlanStage], params: dict[str, BaseModel]) -> None:
     """Check every factory now (model, data, stage params) without running its module, so a missing module or
     callable is a recipe error, not a mid-run failure; see ``pipeline.imports.check_reference``."""
     add_search_path(path.parent)
@@ -198,7 +382,7 @@ def _check_factories(path: Path, lines: LineMap, recipe: Recipe, params: dict[st
     if recipe.metric is not None and recipe.metric.function is not None:
         references.append((("metric", "function"), recipe.metric.function))
     for name, stage_params in params.items():
-        references += factory_references(stage_params.model_dump(mode="json", by_alias=True), ("stages", name, "with"))
+        references += factory_references(stage_params.model_dump(mode="json", by_alias=True), ("stages", stages[name].stage, "with"))
     for loc, reference in references:
         try:
             check_reference(reference, ".".join(loc))
@@ -217,11 +401,17 @@ def load_recipe(path: Path | str, overrides: list[str] | None = None) -> Plan:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise _check_section_keys(path, lines, error) from None
-    params = {name: _check_stage(path, lines, recipe, name) for name in recipe.stages}
-    _check_factories(path, lines, recipe, params)
-    order = _topological_order(path, lines, recipe)
+    for name in recipe.stages:
+        _check_stage(path, lines, recipe, name)
+    recipe_order = _topological_order(path, lines, recipe)
     _check_kinds(path, lines, recipe)
+    stages, params = _expand(path, lines, recipe, recipe_order)
+    _check_factories(path, lines, recipe, stages, params)
     baseline = _choose_baseline(path, lines, recipe)
+    if len([name for name in stages if stages[name].stage == baseline]) > 1:
+        where = ("baseline",) if recipe.baseline is not None else ("stages", baseline)
+        raise RecipeError(_error_message(path, lines, where, f"the baseline stage '{baseline}' is expanded into branches by a matrix; "
+                                         "the baseline is one stage: name one upstream of every matrix"))
     canonical = json.dumps(recipe.model_dump(mode="json", by_alias=True, exclude={"schema_"}), sort_keys=True)
     digest = hashlib.sha256(canonical.encode()).hexdigest()
-    return Plan(recipe=recipe, path=path, digest=digest, params=params, order=order, baseline=baseline)
+    return Plan(recipe=recipe, path=path, digest=digest, params=params, order=list(stages), baseline=baseline, stages=stages)

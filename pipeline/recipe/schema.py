@@ -159,12 +159,34 @@ class DataSpec(StrictModel):
         return self
 
 
+# A matrix value is a scalar, so that it can be part of a branch's name (bool before int: true stays true).
+MatrixValue = bool | int | float | str
+
+
 class StageSpec(StrictModel):
     """One node of the DAG: which stage it ``uses``, which stages it ``needs``, and its parameters (``with``)."""
 
     uses: str = Field(description="stage to run, e.g. quantize")
     needs: list[str] = Field(default_factory=list, description="names of the stages whose outputs feed this one")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="the stage's parameters")
+    matrix: dict[str, list[MatrixValue]] = Field(
+        default_factory=dict,
+        description="parameter -> the values to try: the stage runs once per combination, as branches named "
+        "stage[key=value,...]; stages taking one input downstream of a branch run once per branch too",
+    )
+    exclude: list[dict[str, MatrixValue]] = Field(
+        default_factory=list,
+        description="combinations left out of the matrix: each row a partial assignment, e.g. {amount: 0.7}",
+    )
+
+
+class SearchSpec(StrictModel):
+    """Bounds on how many matrix trials a run starts: a trial is one combination of the recipe's matrix labels."""
+
+    max_trials: int | None = Field(default=None, ge=1, description="start at most this many trials; the rest are skipped")
+    max_minutes: float | None = Field(
+        default=None, gt=0, description="start no trial after this many minutes since the run began; the rest are skipped"
+    )
 
 
 Task = Literal["classification", "multilabel", "regression", "token-classification", "custom"]
@@ -242,6 +264,9 @@ class Recipe(StrictModel):
     )
     stages: dict[str, StageSpec] = Field(min_length=1, description="stage name -> stage")
     nightly: NightlySpec = Field(default_factory=NightlySpec, description="regression limits of nightly runs")
+    search: SearchSpec | None = Field(
+        default=None, description="bounds on how many combinations of the stages' matrices a run tries"
+    )
 
     @model_validator(mode="after")
     def metric_fits_task(self) -> "Recipe":

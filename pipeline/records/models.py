@@ -73,6 +73,9 @@ class RunRecord(Record):
     message: str | None = None
     stages: list[StageResult] = Field(default_factory=list)
     nightly: dict[str, Any] | None = Field(default=None, description="nightly runs: the verdict against the last good night")
+    search: dict[str, Any] | None = Field(
+        default=None, description="recipes with a matrix: the search limits, the trials tried and not, the stages skipped for the budget"
+    )
 
 
 class Manifest(Record):

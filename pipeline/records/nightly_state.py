@@ -31,6 +31,7 @@ class LatestEntry(Record):
     checkpoint: str = Field(description="path of the checkpoint the run optimized")
     promoted_at: str = Field(description="when it was promoted (UTC, ISO 8601)")
     variants: dict[str, str] = Field(description="stage name -> the model file of its artifact")
+    chosen: str | None = Field(default=None, description="the variant the run's select stage chose: what `optipipe latest` gives by default")
 
 
 class NightlyState(Record):

@@ -1,4 +1,4 @@
-"""The one reader of a run's variants: every validate and benchmark report of a run record, parsed and joined.
+"""The one reader of a run's variants: every validate, benchmark and select report of a run record, parsed and joined.
 
 Tables, run-to-run diffs, review pages and the nightly verdict all read variants here, so a report whose
 figures do not match ``pipeline.records.reports`` (a renamed ``value``) raises ``StoreError`` naming the
@@ -15,15 +15,17 @@ from typing import Any, Literal, TypeVar
 from pipeline.records.models import Record, RunRecord, StageResult
 from pipeline.records.parse import parse_record
 from pipeline.records.reports import BenchmarkEntry, BenchmarkReport, ModelValidation, ValidationReport
+from pipeline.records.selection import SelectionReport
 
 RunLike = RunRecord | Mapping[str, Any]
-ReportT = TypeVar("ReportT", ValidationReport, BenchmarkReport)
+ReportT = TypeVar("ReportT", ValidationReport, BenchmarkReport, SelectionReport)
 VariantStatus = Literal["baseline", "accepted", "rejected"]
 
 # Stage implementation -> the report its metrics hold, and how an error names it.
 REPORTS: dict[str, tuple[type[Record], str]] = {
     "validate": (ValidationReport, "the validation report"),
     "benchmark": (BenchmarkReport, "the benchmark report"),
+    "select": (SelectionReport, "the selection report"),
 }
 FINISHED = ("done", "cached")
 
@@ -55,8 +57,8 @@ def run_stages(record: RunLike) -> tuple[str, list[StageResult]]:
     return run_id, stages
 
 
-def stage_report(run_id: str, stage: StageResult) -> ValidationReport | BenchmarkReport | None:
-    """The parsed report of a finished ``validate`` or ``benchmark`` stage; None for any other stage."""
+def stage_report(run_id: str, stage: StageResult) -> ValidationReport | BenchmarkReport | SelectionReport | None:
+    """The parsed report of a finished ``validate``, ``benchmark`` or ``select`` stage; None for any other stage."""
     if stage.uses not in REPORTS or stage.state not in FINISHED:
         return None
     model, described = REPORTS[stage.uses]
@@ -81,6 +83,18 @@ def validation_reports(record: RunLike) -> list[tuple[str, ValidationReport]]:
 def benchmark_reports(record: RunLike) -> list[tuple[str, BenchmarkReport]]:
     """(stage name, report) of each finished ``benchmark`` stage, in the record's stage order."""
     return _reports(record, BenchmarkReport)
+
+
+def selection_reports(record: RunLike) -> list[tuple[str, SelectionReport]]:
+    """(stage name, report) of each finished ``select`` stage, in the record's stage order; a report's ``chosen``
+    is a stage name, whose artifact is that stage's entry in the same record."""
+    return _reports(record, SelectionReport)
+
+
+def chosen_stage(record: RunLike) -> str | None:
+    """The stage name the run's last finished ``select`` stage chose, or None when the run has no select stage."""
+    reports = selection_reports(record)
+    return reports[-1][1].chosen if reports else None
 
 
 def _timings(record: RunLike) -> dict[str, BenchmarkEntry]:

@@ -8,6 +8,7 @@ and the edges into (and out of) one box meet its side at separate heights, so ea
 
 from __future__ import annotations
 
+import re
 from itertools import pairwise
 from typing import Any
 
@@ -18,6 +19,7 @@ from matplotlib.path import Path
 BOX_WIDTH, BOX_HEIGHT = 0.74, 0.58
 EDGE_COLOR = "#78909c"
 ORDERING_SWEEPS = 4
+BOX_CHARACTERS = 22  # of a branch's values line (6.5 pt) that fit in a box
 
 
 def dag_levels(dag: dict[str, list[str]]) -> dict[str, int]:
@@ -124,6 +126,15 @@ def _draw_edges(axes: Any, edges: dict[tuple[str, str], list[Any]], position: di
                                        linewidth=1.2, zorder=2, shrinkA=0, shrinkB=0))
 
 
+def box_lines(name: str) -> tuple[str, str]:
+    """A box's name line and, for a matrix branch ``stage[key=value,...]``, its values (``0.5 · minmax``), cut to fit the box."""
+    branch = re.fullmatch(r"([^\[]+)\[(.+)\]", name)
+    if branch is None:
+        return name, ""
+    values = " · ".join(assignment.partition("=")[2] for assignment in branch.group(2).split(","))
+    return branch.group(1), values if len(values) <= BOX_CHARACTERS else values[:BOX_CHARACTERS - 1] + "…"
+
+
 def dag_figure(dag: dict[str, list[str]], stages: dict[str, dict[str, Any]], colors: dict[str, str]) -> Figure:
     """The stage graph as a figure: boxes coloured by state (``colors``), labelled with name, state and time."""
     order = [name for name in stages if name in dag] + [name for name in dag if name not in stages]
@@ -141,8 +152,12 @@ def dag_figure(dag: dict[str, list[str]], stages: dict[str, dict[str, Any]], col
         timing = f" · {stage['seconds']:.2f}s" if state == "done" else ""
         axes.add_patch(FancyBboxPatch((x - BOX_WIDTH / 2, y - BOX_HEIGHT / 2), BOX_WIDTH, BOX_HEIGHT, boxstyle="round,pad=0,rounding_size=0.08",
                                       facecolor=colors.get(state, "#9e9e9e"), edgecolor="none", zorder=3, gid=f"dag-{name}"))
-        axes.text(x, y + 0.09, name, ha="center", va="center", fontsize=9, fontweight="bold", color="white", zorder=4)
-        axes.text(x, y - 0.13, f"{state}{timing}", ha="center", va="center", fontsize=8, color="white", zorder=4)
+        title, values = box_lines(name)
+        axes.text(x, y + (0.15 if values else 0.09), title, ha="center", va="center", fontsize=9, fontweight="bold", color="white",
+                  zorder=4)
+        if values:
+            axes.text(x, y - 0.01, values, ha="center", va="center", fontsize=6.5, color="white", zorder=4)
+        axes.text(x, y - (0.16 if values else 0.13), f"{state}{timing}", ha="center", va="center", fontsize=8, color="white", zorder=4)
     axes.set_xlim(-0.5, len(columns) - 0.5)
     axes.set_ylim(-rows / 2, rows / 2)
     axes.axis("off")

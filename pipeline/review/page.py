@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import html
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.records.variants import read_variants
 from pipeline.review import plots
 from pipeline.review.artifacts import artifact_links, library_versions, machine_facts, metric_budget, reports_dir
+from pipeline.review.selection import selection_html
+from pipeline.review.sensitivity import sensitivity_section
 from pipeline.review.stage_facts import stage_highlights
 from pipeline.review.tables import metric_cells, metric_headers, run_metric, variant_rows
 from pipeline.review.units import format_bytes, metric_label, metric_title
@@ -23,12 +25,31 @@ body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2r
 h1 { font-size: 1.6rem; margin-bottom: 0.2rem; } h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #e0e0e0; }
 .meta { color: #616161; font-size: 0.9rem; } .state { font-weight: 600; padding: 0 0.4rem; border-radius: 4px; color: white; }
 table { border-collapse: collapse; font-size: 0.9rem; margin: 0.5rem 0; } th, td { border: 1px solid #e0e0e0; padding: 4px 8px; }
-th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+tr.chosen td { background: #e8f5e9; font-weight: 600; } tr.not_comparable td { color: #9e9e9e; }
 tr.rejected td { background: #ffebee; } tr.baseline td { background: #eceff1; } .note { color: #616161; font-style: italic; }
 svg { max-width: 100%; height: auto; } code.key { font-size: 0.75rem; overflow-wrap: anywhere; color: #455a64; }
 td.links a { margin-right: 0.5rem; white-space: nowrap; } td.figures { font-size: 0.85rem; } ul.figures { margin: 0; padding-left: 1rem; }
 table.facts th { text-align: left; } .verdict-ok { color: #2e7d32; font-weight: 600; } .verdict-bad { color: #c62828; font-weight: 600; }
 """
+
+StageSection = Callable[[dict[str, Any], dict[str, Any]], str]
+STAGE_SECTIONS: dict[str, StageSection] = {"select": selection_html, "sensitivity": sensitivity_section}
+"""Sections of the page that belong to one kind of stage, by the stage's ``uses``.
+
+``section(record, stage) -> str`` is called once for each finished (done or cached) stage of that ``uses``, in
+the record's stage order, after the variants and before the machine facts. ``record`` is the run record as a
+dict (as the store reads it: parse a report with ``pipeline.records.variants``), ``stage`` that stage's entry of
+``record["stages"]`` (a dict: ``name``, ``uses``, ``state``, ``metrics``, ``artifact``, ...). It returns the
+section's HTML, an ``<h2>`` and what follows, with every text escaped (``markup_table`` builds tables), or ""
+to add nothing. A section module plugs in with one entry here, e.g. ``"sensitivity": sensitivity_html``.
+"""
+
+
+def stage_sections(record: dict[str, Any]) -> list[str]:
+    """The ``STAGE_SECTIONS`` of every finished stage that has one, in the record's stage order."""
+    return [section for stage in record["stages"] if stage["state"] in ("done", "cached") and stage["uses"] in STAGE_SECTIONS
+            if (section := STAGE_SECTIONS[stage["uses"]](record, stage))]
 
 
 def timed_batch(rows: list[dict[str, Any]]) -> int | None:
@@ -73,11 +94,11 @@ def _stage_detail(stage: dict[str, Any]) -> str:
 def _html_table(headers: list[str], rows: list[list[str]], row_classes: list[str] | None = None, numeric_from: int = 2) -> str:
     """A table of plain-text cells (escaped here); columns from ``numeric_from`` up to the last are right-aligned figures."""
     cells = [[(html.escape(cell), "num" if numeric_from <= position < len(row) - 1 else "") for position, cell in enumerate(row)] for row in rows]
-    return _markup_table(headers, cells, row_classes)
+    return markup_table(headers, cells, row_classes)
 
 
-def _markup_table(headers: list[str], rows: list[list[tuple[str, str]]], row_classes: list[str] | None = None, table_class: str = "") -> str:
-    """A table of cells given as (HTML already escaped, CSS class) pairs."""
+def markup_table(headers: list[str], rows: list[list[tuple[str, str]]], row_classes: list[str] | None = None, table_class: str = "") -> str:
+    """A table of cells given as (HTML already escaped, CSS class) pairs; the stage sections (``STAGE_SECTIONS``) use it too."""
     head = "".join(f"<th>{html.escape(header)}</th>" for header in headers)
     body = []
     for index, cells in enumerate(rows):
@@ -115,7 +136,7 @@ def stages_table_html(record: dict[str, Any]) -> str:
          (f"{stage['seconds']:.2f}", "num"), (_figures_cell(stage), "figures"), (_artifact_cell(stage, page_dir), "links")]
         for stage in record["stages"]
     ]
-    return _markup_table(["stage", "uses", "state", "seconds", "figures", "artifact key · files / reason"], rows)
+    return markup_table(["stage", "uses", "state", "seconds", "figures", "artifact key · files / reason"], rows)
 
 
 def timings_table_html(record: dict[str, Any]) -> str:
@@ -133,7 +154,7 @@ def timings_table_html(record: dict[str, Any]) -> str:
             ])
             classes.append(variant.status)
     headers = ["variant", "runtime", "batch", "p50 ms", "p95 ms", "samples/s", "speed-up", "peak RSS"]
-    return _markup_table(headers, rows, classes, table_class="timings")
+    return markup_table(headers, rows, classes, table_class="timings")
 
 
 def machine_html(record: dict[str, Any]) -> str:
@@ -216,6 +237,7 @@ def html_report(record: dict[str, Any]) -> str:
         sections += _variant_sections(record, rows)
     else:
         sections.append("<p class='note'>No validate stage finished in this run, so there are no variants to compare.</p>")
+    sections += stage_sections(record)
     sections += ["<h2>Machine and versions</h2>", machine_html(record)]
     return page_document(title, sections)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -21,6 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
+from pipeline.records.selection import pareto_front  # noqa: E402 (also part of this module's interface)
 from pipeline.review.dag import dag_figure, dag_levels  # noqa: E402,F401 (dag_levels: part of this module's interface)
 from pipeline.review.labels import place_labels  # noqa: E402
 from pipeline.review.units import is_fraction, metric_label, metric_title, plot_scale  # noqa: E402
@@ -29,7 +30,7 @@ STATE_COLORS = {
     "done": "#2e7d32", "cached": "#00838f", "failed": "#c62828", "rejected": "#c62828",
     "skipped": "#f9a825", "running": "#546e7a",
 }
-BASELINE_COLOR, VARIANT_COLOR, FRONT_COLOR, REJECTED_COLOR = "#37474f", "#1565c0", "#e65100", "#c62828"
+BASELINE_COLOR, VARIANT_COLOR, FRONT_COLOR, REJECTED_COLOR, CHOSEN_COLOR = "#37474f", "#1565c0", "#e65100", "#c62828", "#2e7d32"
 KIND_COLORS = {"torch": VARIANT_COLOR, "onnx": "#8e24aa", "engine": "#00897b"}
 
 
@@ -41,22 +42,6 @@ def svg_element(figure: Figure, element_id: str) -> str:
     text = buffer.getvalue()
     text = text[text.index("<svg"):]
     return re.sub(r"<svg\b", f'<svg id="{element_id}" role="img"', text, count=1)
-
-
-def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
-    """Indices of the (latency, metric) points no other point beats, fastest first: none is both as fast (lower x)
-    and as good (higher y, or lower y for a lower-is-better metric such as MSE)."""
-    sign = 1.0 if higher_is_better else -1.0
-    scored = [(latency, sign * value) for latency, value in points]
-    front = []
-    for index, (latency, score) in enumerate(scored):
-        dominated = any(
-            other_latency <= latency and other_score >= score and (other_latency, other_score) != (latency, score)
-            for other_latency, other_score in scored
-        )
-        if not dominated:
-            front.append(index)
-    return sorted(front, key=lambda index: points[index][0])
 
 
 def kind_color(row: dict[str, Any]) -> str:
@@ -104,13 +89,15 @@ def _budget_line(axes: Any, metric: str, higher_is_better: bool, baseline_value:
     return limit
 
 
-def _legend_handles(rows: list[dict[str, Any]]) -> list[Line2D]:
-    """One legend entry per marker colour and shape used: the baseline, each kind, rejected."""
+def _legend_handles(rows: list[dict[str, Any]], chosen: str | None = None) -> list[Line2D]:
+    """One legend entry per marker colour and shape used: the baseline, each kind, rejected, the chosen one."""
     handles = [Line2D([], [], marker="s", color=BASELINE_COLOR, linestyle="", label="FP32 baseline")]
     kinds = sorted({row["kind"] for row in rows if row["status"] != "baseline"})
     handles += [Line2D([], [], marker="o", color=KIND_COLORS.get(kind, VARIANT_COLOR), linestyle="", label=kind) for kind in kinds]
     if any(row["status"] == "rejected" for row in rows):
         handles.append(Line2D([], [], marker="X", color=REJECTED_COLOR, linestyle="", label="rejected"))
+    if chosen is not None:
+        handles.append(Line2D([], [], marker="*", color=CHOSEN_COLOR, markersize=12, linestyle="", label=f"chosen ({chosen})"))
     return handles
 
 
@@ -127,10 +114,12 @@ def _metric_axis(axes: Any, metric: str, higher_is_better: bool, values: list[fl
     axes.set_ylabel(f"{metric_label(metric)} (%; {direction})" if is_fraction(metric) else f"{metric_label(metric)} ({direction})")
 
 
-def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int, budget: float | None = None) -> str:
+def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int, budget: float | None = None, chosen: str | None = None,
+                         element_id: str = "plot-accuracy-latency") -> str:
     """The run's metric against median latency at ``batch`` for every timed variant: colour by kind, the Pareto front
-    (in the metric's direction) joined and ringed, and the validate stage's budget (``max_drop``, in the metric's
-    units) as a dotted line when known."""
+    (in the metric's direction) joined and ringed, the budget (``max_drop``, in the metric's units) as a dotted line
+    when known, and the ``chosen`` variant (a select stage's choice) as a green star; ``element_id`` tells several
+    such plots on one page apart."""
     timed = [row for row in rows if row["latency_p50_ms"] is not None]
     metric, higher_is_better = timed[0]["metric"], timed[0]["higher_is_better"]
     points = [(row["latency_p50_ms"], row["value"] * plot_scale(metric)) for row in timed]
@@ -143,6 +132,9 @@ def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int, budget: float |
                      zorder=3)
         if index in front:
             axes.scatter([latency], [value], s=180, facecolors="none", edgecolors=FRONT_COLOR, linewidths=2, zorder=4)
+        if row["variant"] == chosen:
+            axes.scatter([latency], [value], s=320, marker="*", color=CHOSEN_COLOR, edgecolors="white", linewidths=0.8, zorder=5,
+                         gid="chosen-point")
     axes.plot([points[i][0] for i in front], [points[i][1] for i in front], color=FRONT_COLOR, linestyle="--",
               linewidth=1.5, label="Pareto front", zorder=2)
     values = [value for _, value in points]
@@ -160,9 +152,9 @@ def accuracy_latency_svg(rows: list[dict[str, Any]], batch: int, budget: float |
     axes.set_title(f"{metric_title(metric)} vs latency")
     axes.grid(True, which="major", alpha=0.3)
     _label_points(axes, figure, [row["variant"] for row in timed], points)
-    handles = _legend_handles(timed) + axes.get_legend_handles_labels()[0]
+    handles = _legend_handles(timed, chosen) + axes.get_legend_handles_labels()[0]
     axes.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=min(len(handles), 4), fontsize=9, frameon=False)
-    return svg_element(figure, "plot-accuracy-latency")
+    return svg_element(figure, element_id)
 
 
 def size_bars_svg(rows: list[dict[str, Any]]) -> str:

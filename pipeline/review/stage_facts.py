@@ -63,6 +63,14 @@ def _metric_change(metrics: dict[str, Any]) -> tuple[str, str] | None:
     return metric_label(metric), format_figure(metric, value) + change
 
 
+def _fallback_layers(metrics: dict[str, Any]) -> str | None:
+    """The layers ``fallback: auto`` kept in FP32, by module path (else name), when it ran."""
+    fallback = metrics.get("fallback")
+    if not isinstance(fallback, dict) or not fallback.get("layers"):
+        return None
+    return ", ".join(str(layer.get("module_path") or layer.get("name")) for layer in fallback["layers"])
+
+
 # stage implementation -> (label, how to read it from the stage's metrics), in display order; "{metric}" in a
 # label is the name of the stage's metric (top-1 when the stage did not name one)
 HIGHLIGHTS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str | None]]]] = {
@@ -78,14 +86,16 @@ HIGHLIGHTS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str | None]]]] 
                 ("student {metric}", _metric_field("student_value", "student_top1")), ("retention", _field("retention", _percent)),
                 ("epochs", _field("epochs", _count))],
     "quantize": [("mode", _field("mode")), ("calibration batches", _field("calibration_batches", _count)),
-                 ("quantized layers", _field("quantized_layers", _layers))],
+                 ("quantized layers", _field("quantized_layers", _layers)), ("kept FP32 by fallback", _fallback_layers)],
     "quantize_onnx": [("mode", _field("mode")), ("calibration", _field("calibrate_method")),
                       ("calibration samples", _field("calibration_samples", _count)), ("format", _field("format")),
                       ("types", lambda m: f"weights {m['weight_type']}, activations {m['activation_type']}"
-                       if m.get("weight_type") and m.get("activation_type") else None)],
+                       if m.get("weight_type") and m.get("activation_type") else None), ("kept FP32 by fallback", _fallback_layers)],
     "export_onnx": [("opset", _field("opset")), ("nodes", _field("nodes", _count)), ("file", _field("onnx_bytes", format_bytes))],
     "tensorrt": [("precision", _field("precision")), ("GPU", _field("gpu")), ("build", _field("build_seconds", lambda v: f"{v:.1f} s"))],
     "precision": [("dtype", _field("dtype")), ("GPU", _field("gpu"))],
+    "select": [("chosen", _field("chosen")), ("target", _field("target")), ("objective", _field("objective"))],
+    "sensitivity": [("layers measured", lambda m: str(len(m["layers"])) if isinstance(m.get("layers"), list) else None)],
 }
 
 

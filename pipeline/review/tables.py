@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.cells import cell_len
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -159,7 +160,7 @@ def variants_table(record: dict[str, Any], width: int | None = None) -> Table:
     for row in rows:
         timed = row["latency_p50_ms"] is not None
         cells.append([
-            row["variant"], row["kind"], *metric_cells(row), f"{row['max_abs_logit_diff']:.3g}", format_bytes(row["size_bytes"]),
+            escape(row["variant"]), row["kind"], *metric_cells(row), f"{row['max_abs_logit_diff']:.3g}", format_bytes(row["size_bytes"]),
             f"{row['latency_p50_ms']:.3f}" if timed else "-", f"{row['speedup_vs_baseline']:.2f}×" if timed else "-",
             row["stage_seconds"], row["status"],
         ])
@@ -201,8 +202,8 @@ def stages_table(record: dict[str, Any], width: int | None = None) -> Table:
                Column("metrics / reason", "metrics / reason", left=True, folds=True)]
     colors = {"done": "green", "cached": "cyan", "failed": "red", "rejected": "red", "skipped": "yellow"}
     run_id, stages = run_stages(record)
-    cells = [[stage.name, stage.uses, f"[{colors.get(stage.state, 'white')}]{stage.state}[/]", f"{stage.seconds:.2f}",
-              (stage.key or "-")[:SHORT_KEY] if stage.artifact else "-", stage.reason or _metrics_summary(run_id, stage)]
+    cells = [[escape(stage.name), stage.uses, f"[{colors.get(stage.state, 'white')}]{stage.state}[/]", f"{stage.seconds:.2f}",
+              (stage.key or "-")[:SHORT_KEY] if stage.artifact else "-", escape(stage.reason or _metrics_summary(run_id, stage))]
              for stage in stages]
     return fitted_table(f"run {record['run_id']} · {record['recipe']['name']} · {record['state']}", columns, cells, width,
                         [None] * len(cells))

@@ -4,7 +4,10 @@ A stage starts once every stage it waits for has ended. It is skipped, with the 
 needs failed (or was itself skipped for that), or when an input it cannot do without was skipped
 because its hardware is missing; a stage taking many inputs (validate, benchmark) goes on with those
 that exist. ``runs_alone`` stages wait for every other stage, but only to keep timings clean: a failure
-elsewhere does not skip them. Where stages run is the caller's choice: ``submit`` hands a plain
+elsewhere does not skip them. A recipe's ``search`` bounds the matrix trials started (``SearchBudget``): once
+``max_trials`` have started or ``max_minutes`` have passed, the stages of trials not yet started are skipped
+with the reason, and many-input stages go on with the branches that finished.
+Where stages run is the caller's choice: ``submit`` hands a plain
 ``StageCall`` to a thread, a Prefect task or another process, and returns something with ``.result()``.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import queue
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import Any, Protocol
 
 from pipeline.errors import CheckpointError, StoreError, one_line
 from pipeline.hf import check_pretrained_folder
-from pipeline.recipe.plan import Plan
+from pipeline.recipe.plan import Plan, format_label
 from pipeline.records.models import StageResult
 from pipeline.records.store import ArtifactStore
 from pipeline.run.cancel import Cancelled, raise_if_cancelled
@@ -62,12 +66,56 @@ def in_threads(max_workers: int = 1) -> tuple[Submit, Callable[[], None]]:
     return (lambda call: pool.submit(execute, call)), lambda: pool.shutdown(wait=False, cancel_futures=True)
 
 
+class SearchBudget:
+    """Which trials of the plan (``Plan.trials``: combinations of matrix labels) have started, and whether the
+    recipe's ``search`` limits let another start; ``clock`` gives seconds (a test's fake clock)."""
+
+    def __init__(self, plan: Plan, clock: Callable[[], float] = time.monotonic):
+        self.plan = plan
+        self.clock = clock
+        self.began = clock()
+        self.started: list[tuple] = []
+
+    def exhausted(self) -> str | None:
+        """Why no further trial may start (None: one may)."""
+        limits = self.plan.recipe.search
+        if limits is None:
+            return None
+        if limits.max_trials is not None and len(self.started) >= limits.max_trials:
+            return f"search budget: max_trials {limits.max_trials} reached"
+        if limits.max_minutes is not None and self.clock() - self.began >= limits.max_minutes * 60:
+            return f"search budget: max_minutes {limits.max_minutes:g} passed"
+        return None
+
+    def admit(self, name: str) -> str | None:
+        """Let stage ``name`` start, starting its first trial when none of its trials has started; or say why not."""
+        trials = self.plan.trials_of(name)
+        if not trials or any(trial in self.started for trial in trials):
+            return None
+        reason = self.exhausted()
+        if reason is None:
+            self.started.append(trials[0])
+        return reason
+
+    def summary(self, results: dict[str, StageResult]) -> dict[str, Any]:
+        """The run record's ``search`` entry: the limits, the trials tried and not, the stages skipped for the budget."""
+        limits = self.plan.recipe.search
+        tried = [format_label(trial) for trial in self.started]
+        return {
+            "max_trials": limits.max_trials if limits else None, "max_minutes": limits.max_minutes if limits else None,
+            "trials": len(self.plan.trials()), "tried": tried,
+            "not_tried": [format_label(trial) for trial in self.plan.trials() if format_label(trial) not in tried],
+            "skipped_for_budget": [name for name, result in results.items() if (result.reason or "").startswith("search budget:")],
+        }
+
+
 class PlanRun:
     """The state of one run of a plan while ``run_plan`` drives it."""
 
     def __init__(self, plan: Plan, recorder: RunRecorder):
         self.plan = plan
         self.recorder = recorder
+        self.budget = SearchBudget(plan)
         self.keys: dict[str, str] = {}  # stage -> artifact key, for stages that produced one
         self.blocked: set[str] = set()  # stages that failed, or were skipped because something they need failed
 
@@ -86,10 +134,10 @@ class PlanRun:
         missing = [upstream for upstream in self.plan.needs_of(name) if upstream not in self.keys]
         if self.plan.uses_baseline(name) and self.plan.baseline not in self.keys:
             return self.recorder.results[self.plan.baseline].reason
-        many = declaration(self.plan.recipe.stages[name].uses).inputs == "many"
+        many = declaration(self.plan.uses_of(name)).inputs == "many"
         if missing and not (many and len(missing) < len(self.plan.needs_of(name))):
             return self.recorder.results[missing[0]].reason
-        return None
+        return self.budget.admit(name)
 
     def call(self, name: str, template: StageCall) -> StageCall:
         """The plain arguments of running stage ``name``: its upstream artifact keys and the baseline's."""
@@ -104,6 +152,8 @@ class PlanRun:
             self.keys[result.name] = result.key
         if result.state == "failed" or (result.state == "skipped" and (result.reason or "").startswith("not run:")):
             self.blocked.add(result.name)
+        if self.plan.trials():
+            self.recorder.record.search = self.budget.summary({**self.recorder.results, result.name: result})
         self.recorder.add(result)
 
 
@@ -172,9 +222,9 @@ def drive(state: PlanRun, template: StageCall, submit: Submit) -> None:
             started.add(name)
             reason = state.skip_reason(name)
             if reason is not None:
-                state.end(StageResult(name=name, uses=plan.recipe.stages[name].uses, state="skipped", reason=reason))
+                state.end(StageResult(name=name, uses=plan.uses_of(name), state="skipped", reason=reason))
                 continue
             call = state.call(name, template)
-            threading.Thread(target=wait_for_result, args=(submit(call), call, plan.recipe.stages[name].uses, ended), daemon=True).start()
+            threading.Thread(target=wait_for_result, args=(submit(call), call, plan.uses_of(name), ended), daemon=True).start()
         if not all(state.ended(name) for name in plan.order) and len(started) > len(state.recorder.results):
             state.end(ended.get())

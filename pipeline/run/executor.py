@@ -207,7 +207,7 @@ def execute(call: StageCall) -> StageResult:
     try:
         raise_if_cancelled()
         plan = plan_of(call)
-        uses = plan.recipe.stages[call.stage].uses
+        uses = plan.uses_of(call.stage)
         upstream = {name: stored(store, artifact_key, f"'{name}'") for name, artifact_key in call.inputs.items()}
         baseline = stored(store, call.baseline_key, "baseline") if call.baseline_key else None
         identity = RunIdentity.of(plan, call.checkpoint_sha256)
@@ -230,8 +230,8 @@ def execute(call: StageCall) -> StageResult:
 def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream: dict[str, Artifact],
                     baseline: Artifact | None, payload: dict[str, Any], key: str) -> StageResult:
     """Run the stage in a fresh work folder and publish its product under ``key`` (the folder goes on failure)."""
-    spec = plan.recipe.stages[call.stage]
-    declared = declaration(spec.uses)
+    uses = plan.uses_of(call.stage)
+    declared = declaration(uses)
     params = plan.params[call.stage]
     workdir = store.new_workdir(call.stage)
     try:
@@ -252,7 +252,7 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
         if output.product.path.parent != workdir:
             raise StageError(f"stage wrote its product outside its work folder: {output.product.path}")
         artifact = store.publish(key, workdir, output.product.path.name, {
-            "stage": call.stage, "uses": spec.uses, "kind": output.product.kind, "handle": output.product.meta,
+            "stage": call.stage, "uses": uses, "kind": output.product.kind, "handle": output.product.meta,
             "params": params.model_dump(mode="json"), "inputs": [artifact.key for artifact in upstream.values()],
             "metrics": output.metrics, "seconds": round(seconds, 4), "waited_seconds": round(waited[0], 4),
             "peak_rss_bytes": memory.peak_bytes, "versions": payload["versions"], "cache_payload": payload,
@@ -261,7 +261,7 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
     except BaseException:
         store.discard(workdir)
         raise
-    return StageResult(name=call.stage, uses=spec.uses, state="done", seconds=round(seconds, 4), key=key,
+    return StageResult(name=call.stage, uses=uses, state="done", seconds=round(seconds, 4), key=key,
                        artifact=str(artifact.path), metrics=output.metrics, waited_seconds=round(waited[0], 4))
 
 

@@ -81,7 +81,7 @@ class RunIdentity:
 
 def cache_payload(plan: Plan, name: str, identity: RunIdentity, input_digests: list[str], baseline_digest: str | None) -> dict[str, Any]:
     """Everything that determines stage ``name``'s output; its canonical sha256 is the cache key."""
-    uses = plan.recipe.stages[name].uses
+    uses = plan.uses_of(name)
     declared = declaration(uses)
     params = plan.params[name].model_dump(mode="json")
     payload: dict[str, Any] = {
