@@ -191,8 +191,9 @@ def quantization_failure(error: BaseException, params: Params) -> StageError:
 def module_path(node: onnx.NodeProto) -> str | None:
     """The torch module the dynamo exporter made ``node`` from (its ``pkg.torch.onnx.name_scopes`` metadata), or None.
 
-    The scopes run from the root to the op (``['', 'module', 'module.features', ..., 'relu_1']``); the last
-    module scope is the path, without the prefix of export_onnx's wrapper. A Conv with a BatchNorm folded into
+    The scopes run from the root to the op (``['', 'module', 'module.features', ..., 'relu_1']``, or flattened
+    ``['', 'module.features.0.0', 'conv2d']`` for an fx GraphModule); the last module scope is the path, without
+    the ``module.`` of export_onnx's wrapper. A Conv with a BatchNorm folded into
     it by the exporter carries the BatchNorm's scope (``features.0.1``), a sibling of the conv's.
     """
     metadata = {entry.key: entry.value for entry in node.metadata_props}
@@ -201,8 +202,8 @@ def module_path(node: onnx.NodeProto) -> str | None:
     scopes = ast.literal_eval(metadata["pkg.torch.onnx.name_scopes"])
     classes = ast.literal_eval(metadata.get("pkg.torch.onnx.class_hierarchy", "[]"))
     path = scopes[-2] if len(scopes) >= 2 else ""
-    if classes and classes[0].endswith("export_onnx.ExportedForward") and len(scopes) >= 3:
-        path = path.removeprefix(scopes[1]).removeprefix(".")
+    if classes and classes[0].endswith("export_onnx.ExportedForward"):  # the wrapper holds the model as `module`
+        path = "" if path == "module" else path.removeprefix("module.")
     return path or None
 
 

@@ -149,3 +149,13 @@ def test_too_few_fallback_layers_fail_in_one_line_naming_the_best_reached(contex
                                          r"is top1 drop 0\.\d+ with \[features\.3\.0\] FP32; raise max_fallback_layers or max_drop") as raised:
         quantize.run(context("int8"), {"input": torch_input}, params)
     assert "\n" not in str(raised.value)
+
+
+def test_a_fused_graph_module_exported_simplified_keeps_its_module_paths(outlier_model, tmp_path_factory, data, context):
+    from stages import fuse_conv_bn
+
+    folder = tmp_path_factory.mktemp("fused")
+    fused = fuse_conv_bn.run(context("fused"), {"input": as_input(outlier_model, folder)}, fuse_conv_bn.Params()).product.load()
+    path = exported(fused, folder, data, simplify=True).path
+    convs = [layer for layer in quantize_onnx.graph_nodes(path) if layer.op_type == "Conv"]
+    assert [layer.module_path for layer in convs] == ["features.0.0", "features.1.0", "features.3.0"]
