@@ -30,6 +30,8 @@ metrics records the layers, every set tried and whether the budget was met.
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import itertools
 import re
 import shutil
@@ -273,14 +275,15 @@ def quantize(
     try:
         if reader is None:
             quantize_dynamic(source, target, **common)
-        else:
-            quantize_static(
-                source, target, reader,
-                quant_format=QUANT_FORMATS[params.format],
-                activation_type=QUANT_TYPES[params.activation_type],
-                calibrate_method=CALIBRATE_METHODS[params.calibrate_method],
-                **common,
-            )
+        else:  # onnxruntime's histogram calibrators print() their progress: the stage has its own bar
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    source, target, reader,
+                    quant_format=QUANT_FORMATS[params.format],
+                    activation_type=QUANT_TYPES[params.activation_type],
+                    calibrate_method=CALIBRATE_METHODS[params.calibrate_method],
+                    **common,
+                )
     except StageError:
         raise
     except Exception as error:  # ValueError for refused arguments, onnxruntime errors while calibrating

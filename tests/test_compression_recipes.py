@@ -45,3 +45,27 @@ def test_recipe_validates_every_variant_against_fp32(name, demo_checkpoint, tmp_
         assert check["variants"]["onnx_int8"]["size_bytes"] < check["baseline"]["size_bytes"] / 8
     if name == "cpu-int8":
         assert check["variants"]["onnx_int8"]["size_bytes"] < check["variants"]["onnx"]["size_bytes"] / 3
+
+
+def test_search_recipe_picks_the_fastest_candidate_within_budget_and_reports_why_others_lost(demo_checkpoint, tmp_path, capsys):
+    store = tmp_path / "store"
+    args = ["--quiet", "run", str(REPO_ROOT / "recipes" / "search-int8.yaml"), "--checkpoint", str(demo_checkpoint), "--store", str(store),
+            "--set", "distilled.epochs=8", "--set", "pick.min_seconds=0.05", "--set", "pick.iterations=5", "--set", "pick.rounds=2"]
+    assert main(args) == 0, optipipe_stderr(capsys.readouterr().err)
+    capsys.readouterr()
+    assert main(["show", "latest", "--store", str(store), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    stages = {stage["name"]: stage for stage in record["stages"]}
+    assert {"int8[calibrate_method=minmax,per_channel=true]", "int8[calibrate_method=percentile,per_channel=true]",
+            "pd_int8[amount=0.25]", "pd_int8[amount=0.5]"} <= set(stages)
+    assert "int8[calibrate_method=percentile,per_channel=false]" not in stages  # excluded
+    pick = stages["pick"]["metrics"]
+    chosen = pick["candidates"][pick["chosen"]]
+    assert chosen["status"] == "chosen" and chosen["meets_budget"] and chosen["drop"] <= 0.005
+    within = [figures for figures in pick["candidates"].values() if figures["meets_budget"]]
+    assert chosen["latency_p50_ms"] == min(figures["latency_p50_ms"] for figures in within)  # the fastest measured within budget
+    assert all(figures["reason"] for name, figures in pick["candidates"].items() if name != pick["chosen"])
+    assert stages["sens"]["metrics"]["layers"], "the sensitivity table has rows"
+    assert main(["report", "latest", "--store", str(store), "--html", str(tmp_path / "search.html")]) == 0
+    page = (tmp_path / "search.html").read_text()
+    assert "Selection: pick" in page and "INT8 sensitivity" in page and pick["chosen"] in page
