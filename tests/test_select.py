@@ -167,3 +167,13 @@ def test_promotion_records_the_choice_and_latest_without_variant_gives_its_model
     assert promotion.read_state(store, "search")["latest"].get("chosen") is None
     assert main(["latest", "search", "--store", str(store.root)]) == 2
     assert "has no select stage to choose a variant; pass --variant NAME (one of broken, onnx, onnx_int8)" in capsys.readouterr().err
+
+
+def test_the_selection_section_says_what_the_search_budget_left_out():
+    from pipeline.review.selection import search_note
+
+    record = {"search": {"max_trials": 2, "max_minutes": None, "trials": 3, "tried": ["amount=0.25", "amount=0.5"],
+                         "not_tried": ["amount=0.7"], "skipped_for_budget": ["pruned[amount=0.7]"]}}
+    note = search_note(record)
+    assert "2 of 3 trial(s) tried (budget: max_trials 2)" in note and "not tried, for the budget: amount=0.7" in note
+    assert search_note({"search": None}) == "" and search_note({}) == ""

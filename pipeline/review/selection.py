@@ -101,4 +101,18 @@ def selection_html(record: dict[str, Any], stage: dict[str, Any]) -> str:
         plots.accuracy_latency_svg(plot_rows(report), report.batch_size, report.constraints.max_drop, chosen=report.chosen,
                                    element_id=f"plot-selection-{stage['name']}"),
         objective_note,
+        search_note(record),
     ])
+
+
+def search_note(record: dict[str, Any]) -> str:
+    """What the run's search tried and what its budget left out (``record['search']``), or '' for a run without a matrix."""
+    search = record.get("search")
+    if not isinstance(search, dict) or not search.get("trials"):
+        return ""
+    limits = ", ".join(f"{name} {search[name]:g}" for name in ("max_trials", "max_minutes") if search.get(name) is not None)
+    tried, not_tried = search.get("tried") or [], search.get("not_tried") or []
+    text = f"Search: {len(tried)} of {search['trials']} trial(s) tried" + (f" (budget: {limits})" if limits else "")
+    if not_tried:
+        text += f"; not tried, for the budget: {', '.join(not_tried)}; the choice is the best of those tried"
+    return f"<p class='meta'>{html.escape(text)}.</p>"
