@@ -51,7 +51,7 @@ class Params(validate.Params, TimingParams):
     """The target runtime, the budget (validate's, plus optional latency and size caps), the objective, and the timing knobs."""
 
     target: Target = Field(description="the runtime the variant will be served on: its candidates are the inputs of its kind "
-                           "(onnxruntime-cpu: onnx, torch-cpu: torch, tensorrt: engine)")
+                           "(onnxruntime-cpu: onnx, torch-cpu: torch, tensorrt: engine, openvino-cpu: openvino)")
     objective: Objective = Field(
         default="latency", description="what to optimize among candidates within budget: latency (median at batch_size), size on disk, "
         "or throughput (samples/s at batch_size)"
@@ -270,6 +270,6 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 
 
 STAGE = declare_stage(
-    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, runs_alone=True,
+    takes=("torch", "onnx", "engine", "openvino"), makes="report", inputs="many", version=1, params=Params, run=run, runs_alone=True,
     capabilities={"eval_data"},
 )

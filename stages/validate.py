@@ -87,5 +87,5 @@ def run(ctx: StageContext, inputs: Mapping[str, ModelHandle], params: Params) ->
 
 
 STAGE = declare_stage(
-    takes=("torch", "onnx", "engine"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
+    takes=("torch", "onnx", "engine", "openvino"), makes="report", inputs="many", version=1, params=Params, run=run, capabilities={"eval_data"},
 )

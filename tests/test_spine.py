@@ -90,7 +90,7 @@ STAGE = declare_stage({fields}, params=Params, run=run)
 
 @pytest.mark.parametrize(("fields", "message"), [
     ('takse=("torch",), makes="torch", inputs="one", version=1', r"takse: unknown field \(did you mean 'takes'\?\)"),
-    ('takes=("torch",), makes="onnnx", inputs="one", version=1', r"makes: Input should be 'torch', 'onnx', 'engine' or 'report'"),
+    ('takes=("torch",), makes="onnnx", inputs="one", version=1', r"makes: Input should be 'torch', 'onnx', 'engine', 'openvino' or 'report'"),
     ('takes=(), makes="torch", inputs="one", version=1', r"takes must be empty exactly when inputs is 'none'"),
     ('takes=("torch",), makes="torch", inputs="one", version=0', r"version: Input should be greater than or equal to 1"),
 ])

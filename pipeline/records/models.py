@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 StageState = Literal["done", "cached", "failed", "skipped", "rejected"]
 RunState = Literal["running", "succeeded", "failed", "crashed", "cancelled"]
-ArtifactKind = Literal["torch", "onnx", "engine", "report"]
+ArtifactKind = Literal["torch", "onnx", "engine", "openvino", "report"]
 
 
 class Record(BaseModel):

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from pipeline.records.models import Record
 
-ModelKind = Literal["torch", "onnx", "engine"]
+ModelKind = Literal["torch", "onnx", "engine", "openvino"]
 Verdict = Literal["accepted", "rejected"]
 
 
@@ -84,6 +84,18 @@ class BatchTiming(Record):
     p50_ms: float = Field(description="median latency of one call, in milliseconds")
     p95_ms: float = Field(description="95th-percentile latency of one call, in milliseconds")
     throughput_per_s: float = Field(description="samples per second at the median latency")
+    round_medians_ms: list[float] | None = Field(
+        default=None, description="median latency of each interleaved round, in order (older reports: none)"
+    )
+    round_p5_ms: float | None = Field(
+        default=None, description="5th percentile of the per-round medians (their minimum when fewer than 5 rounds)"
+    )
+    round_p95_ms: float | None = Field(
+        default=None, description="95th percentile of the per-round medians (their maximum when fewer than 5 rounds)"
+    )
+    spread: float | None = Field(
+        default=None, description="(round_p95_ms - round_p5_ms) / p50_ms: how far the rounds disagree (over 0.25 is flagged as noisy)"
+    )
 
 
 class BenchmarkEntry(Record):
@@ -96,6 +108,12 @@ class BenchmarkEntry(Record):
     batches: dict[str, BatchTiming] = Field(description="batch size (as a string) -> timings")
     speedup_vs_baseline: dict[str, float] = Field(description="batch size -> baseline p50 / this model's p50")
     size_ratio_vs_baseline: float = Field(description="size_bytes / the baseline's size_bytes")
+    top_operators: dict[str, float] | None = Field(
+        default=None, description="operator type -> milliseconds per call at the profiled batch size, the 10 costliest and 'other' "
+        "(torch: the ops the model called, e.g. aten::conv2d; ONNX Runtime: node op types, e.g. Conv); none when not profiled"
+    )
+    trace_file: str | None = Field(default=None, description="the Chrome trace of the profiled calls, a file of the benchmark's artifact")
+    profile_note: str | None = Field(default=None, description="why there is no profile (e.g. 'no profile for this runtime')")
 
 
 class BenchmarkReport(Record):
@@ -113,6 +131,13 @@ class BenchmarkReport(Record):
     rounds: int = Field(description="interleaved timing passes over every model")
     input_shapes: dict[str, dict[str, list[int]]] | None = Field(
         default=None, description="batch size (as a string) -> input name -> the shape every model was timed on (older reports: none)"
+    )
+    load_average_before: list[float] | None = Field(default=None, description="the 1, 5 and 15 minute load averages when timing began")
+    cpu_count: int | None = Field(default=None, description="logical CPUs of the machine (what the load average is compared with)")
+    profile_batch: int | None = Field(default=None, description="the batch size the operator profiles were taken at (none: not profiled)")
+    warnings: list[str] = Field(
+        default_factory=list, description="why the figures may not be exact: a loaded machine (1-minute load above the CPUs) or rounds "
+        "spread over 25%"
     )
     baseline: BenchmarkEntry = Field(description="the FP32 baseline, timed alongside the variants")
     variants: dict[str, BenchmarkEntry] = Field(description="input stage name -> its figures")

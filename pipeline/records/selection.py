@@ -15,11 +15,11 @@ from pydantic import Field
 from pipeline.records.models import Record
 from pipeline.records.reports import ModelKind
 
-Target = Literal["onnxruntime-cpu", "torch-cpu", "tensorrt"]
+Target = Literal["onnxruntime-cpu", "torch-cpu", "tensorrt", "openvino-cpu"]
 Objective = Literal["latency", "size", "throughput"]
 CandidateStatus = Literal["chosen", "lost", "not_comparable"]
 # The runtime each target times its candidates on, by the model kind it runs.
-TARGET_KINDS: dict[str, ModelKind] = {"onnxruntime-cpu": "onnx", "torch-cpu": "torch", "tensorrt": "engine"}
+TARGET_KINDS: dict[str, ModelKind] = {"onnxruntime-cpu": "onnx", "torch-cpu": "torch", "tensorrt": "engine", "openvino-cpu": "openvino"}
 
 
 def dominators(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> dict[int, int]:

@@ -41,7 +41,7 @@ class Variant:
 
     @property
     def kind(self) -> str:
-        """The model's artifact kind: torch, onnx or engine."""
+        """The model's artifact kind: torch, onnx, engine or openvino."""
         return self.validation.kind
 
 

@@ -14,10 +14,11 @@ from typing import Any, Callable
 from pipeline.records.variants import read_variants
 from pipeline.review import plots
 from pipeline.review.artifacts import artifact_links, library_versions, machine_facts, metric_budget, reports_dir
+from pipeline.review.profile import profile_section
 from pipeline.review.selection import selection_html
 from pipeline.review.sensitivity import sensitivity_section
 from pipeline.review.stage_facts import stage_highlights
-from pipeline.review.tables import metric_cells, metric_headers, run_metric, variant_rows
+from pipeline.review.tables import benchmark_warnings, metric_cells, metric_headers, run_metric, status_cell, variant_rows
 from pipeline.review.units import format_bytes, metric_label, metric_title
 
 PAGE_STYLE = """
@@ -31,10 +32,11 @@ tr.rejected td { background: #ffebee; } tr.baseline td { background: #eceff1; } 
 svg { max-width: 100%; height: auto; } code.key { font-size: 0.75rem; overflow-wrap: anywhere; color: #455a64; }
 td.links a { margin-right: 0.5rem; white-space: nowrap; } td.figures { font-size: 0.85rem; } ul.figures { margin: 0; padding-left: 1rem; }
 table.facts th { text-align: left; } .verdict-ok { color: #2e7d32; font-weight: 600; } .verdict-bad { color: #c62828; font-weight: 600; }
+ul.warnings { background: #fff8e1; border-left: 4px solid #f9a825; padding: 0.5rem 0.5rem 0.5rem 1.8rem; }
 """
 
 StageSection = Callable[[dict[str, Any], dict[str, Any]], str]
-STAGE_SECTIONS: dict[str, StageSection] = {"select": selection_html, "sensitivity": sensitivity_section}
+STAGE_SECTIONS: dict[str, StageSection] = {"select": selection_html, "sensitivity": sensitivity_section, "benchmark": profile_section}
 """Sections of the page that belong to one kind of stage, by the stage's ``uses``.
 
 ``section(record, stage) -> str`` is called once for each finished (done or cached) stage of that ``uses``, in
@@ -76,7 +78,7 @@ def _variant_cells(row: dict[str, Any]) -> list[str]:
     timed = row["latency_p50_ms"] is not None
     return [
         row["variant"], row["kind"], *metric_cells(row), format_bytes(row["size_bytes"]),
-        f"{row['latency_p50_ms']:.3f}" if timed else "-", f"{row['speedup_vs_baseline']:.2f}×" if timed else "-", row["status"],
+        f"{row['latency_p50_ms']:.3f}" if timed else "-", f"{row['speedup_vs_baseline']:.2f}×" if timed else "-", status_cell(row),
     ]
 
 
@@ -139,8 +141,23 @@ def stages_table_html(record: dict[str, Any]) -> str:
     return markup_table(["stage", "uses", "state", "seconds", "figures", "artifact key · files / reason"], rows)
 
 
+def round_spread_cell(timing: Any) -> str:
+    """How far a batch size's interleaved rounds disagreed: the spread of their medians and its range in ms ('-' in older reports)."""
+    if timing.spread is None:
+        return "-"
+    return f"{timing.spread:.0%} ({timing.round_p5_ms:.3f}–{timing.round_p95_ms:.3f})"
+
+
+def warnings_html(record: dict[str, Any]) -> str:
+    """The benchmark stages' warnings (a loaded machine, noisy rounds) as a highlighted list, or ""."""
+    warnings = benchmark_warnings(record)
+    if not warnings:
+        return ""
+    return "<ul class='warnings'>" + "".join(f"<li>warning: {html.escape(warning)}</li>" for warning in warnings) + "</ul>"
+
+
 def timings_table_html(record: dict[str, Any]) -> str:
-    """Every timed model at every batch size: p50, p95, throughput, speed-up vs FP32 and peak memory."""
+    """Every timed model at every batch size: p50, p95, throughput, speed-up vs FP32, peak memory and the rounds' spread."""
     rows, classes = [], []
     for variant in read_variants(record):
         if variant.benchmark is None:
@@ -150,10 +167,10 @@ def timings_table_html(record: dict[str, Any]) -> str:
                 (html.escape(variant.name), ""), (html.escape(variant.benchmark.runtime), ""), (batch, "num"),
                 (f"{timing.p50_ms:.3f}", "num"), (f"{timing.p95_ms:.3f}", "num"), (f"{timing.throughput_per_s:,.0f}", "num"),
                 (f"{variant.benchmark.speedup_vs_baseline.get(batch, 0.0):.2f}×", "num"),
-                (format_bytes(variant.benchmark.peak_rss_bytes), "num"),
+                (format_bytes(variant.benchmark.peak_rss_bytes), "num"), (round_spread_cell(timing), "num"),
             ])
             classes.append(variant.status)
-    headers = ["variant", "runtime", "batch", "p50 ms", "p95 ms", "samples/s", "speed-up", "peak RSS"]
+    headers = ["variant", "runtime", "batch", "p50 ms", "p95 ms", "samples/s", "speed-up", "peak RSS", "round spread (p5–p95 ms)"]
     return markup_table(headers, rows, classes, table_class="timings")
 
 
@@ -232,7 +249,7 @@ def html_report(record: dict[str, Any]) -> str:
     stages = {stage["name"]: stage for stage in record["stages"]}
     dag = record.get("dag") or {stage["name"]: [] for stage in record["stages"]}
     sections += ["<h2>Stages</h2>", plots.dag_svg(dag, stages), stages_table_html(record)]
-    sections.append("<h2>Variants against the FP32 baseline</h2>")
+    sections += ["<h2>Variants against the FP32 baseline</h2>", warnings_html(record)]
     if rows:
         sections += _variant_sections(record, rows)
     else:
@@ -271,6 +288,7 @@ def markdown_summary(record: dict[str, Any]) -> str:
         parts.append(f"**Problems:** {record['message']}")
     if rows:
         parts.append(_markdown_table(_variant_headers(rows), [_variant_cells(row) for row in rows]))
+        parts += [f"**Warning:** {warning}" for warning in benchmark_warnings(record)]
         front = pareto_variants(rows)
         if front:
             parts.append(f"Pareto front ({metric_label(run_metric(rows))} vs latency, fastest first): **{' → '.join(front)}**")

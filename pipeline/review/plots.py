@@ -31,7 +31,7 @@ STATE_COLORS = {
     "skipped": "#f9a825", "running": "#546e7a",
 }
 BASELINE_COLOR, VARIANT_COLOR, FRONT_COLOR, REJECTED_COLOR, CHOSEN_COLOR = "#37474f", "#1565c0", "#e65100", "#c62828", "#2e7d32"
-KIND_COLORS = {"torch": VARIANT_COLOR, "onnx": "#8e24aa", "engine": "#00897b"}
+KIND_COLORS = {"torch": VARIANT_COLOR, "onnx": "#8e24aa", "engine": "#00897b", "openvino": "#6d4c41"}
 
 
 def svg_element(figure: Figure, element_id: str) -> str:

@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.records.models import StageResult
-from pipeline.records.reports import BenchmarkReport, ValidationReport
-from pipeline.records.variants import read_variants, run_stages, stage_report
+from pipeline.records.reports import BenchmarkEntry, BenchmarkReport, ValidationReport
+from pipeline.records.variants import benchmark_reports, read_variants, run_stages, stage_report
 from pipeline.review.stage_facts import stage_highlights
 from pipeline.review.units import format_bytes, format_delta, format_figure, metric_label
 
@@ -28,11 +28,65 @@ def _rounded(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
+SLOWER_MARGIN = 0.05  # a variant is flagged slower than its source when under 0.95x its speed: closer is timing noise
+
+
+def nearest_timed_upstream(dag: dict[str, list[str]], name: str, timed: set[str]) -> str | None:
+    """The closest stage upstream of ``name`` in the run's DAG that is in ``timed`` (breadth first, in needs order)."""
+    frontier, seen = list(dag.get(name, [])), {name}
+    while frontier:
+        found = next((need for need in frontier if need in timed), None)
+        if found is not None:
+            return found
+        seen.update(frontier)
+        frontier = [upstream for need in frontier for upstream in dag.get(need, []) if upstream not in seen]
+    return None
+
+
+def compared_batch(variant: BenchmarkEntry, source: BenchmarkEntry) -> str | None:
+    """The batch size a variant and its source are compared at: 1 when both were timed at it, else the first they share."""
+    shared = [size for size in variant.batches if size in source.batches]
+    return "1" if "1" in shared else next(iter(shared), None)
+
+
+def slower_than_source(record: dict[str, Any]) -> dict[str, str]:
+    """Each timed model that is slower than the model it was made from (its nearest upstream stage timed in the same
+    benchmark stage, so both come from the same interleaved rounds), e.g. ``{"int8": "slower than fused (0.77×)"}``;
+    the first benchmark stage that timed a model decides."""
+    dag = record.get("dag") or {}
+    flags: dict[str, str] = {}
+    judged: set[str] = set()
+    for _, report in benchmark_reports(record):
+        models = {report.baseline_stage: report.baseline, **report.variants}
+        for name, entry in report.variants.items():
+            source = nearest_timed_upstream(dag, name, set(models))
+            if name in judged or source is None:
+                continue
+            judged.add(name)
+            batch = compared_batch(entry, models[source])
+            ratio = models[source].batches[batch].p50_ms / entry.batches[batch].p50_ms if batch else 1.0
+            if ratio < 1 - SLOWER_MARGIN:
+                flags[name] = f"slower than {source} ({ratio:.2f}×{'' if batch == '1' else f' at batch {batch}'})"
+    return flags
+
+
+def benchmark_warnings(record: dict[str, Any]) -> list[str]:
+    """Every finished benchmark stage's warnings (a loaded machine, noisy rounds), each prefixed with the stage's name."""
+    return [f"{stage}: {warning}" for stage, report in benchmark_reports(record) for warning in report.warnings]
+
+
+def status_cell(row: dict[str, Any]) -> str:
+    """A variant's status, with the flag of a variant slower than the model it was made from."""
+    return f"{row['status']} · {row['slower_than']}" if row["slower_than"] else row["status"]
+
+
 def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per validated variant (baseline first), with latency where a ``benchmark`` stage timed it: the run's
     metric (``metric``, ``value``, ``delta``, ``higher_is_better``), agreement and relative error where measured, and
-    for classification ``top1`` / ``delta_top1`` (None for other tasks)."""
+    for classification ``top1`` / ``delta_top1`` (None for other tasks); ``slower_than`` flags a variant slower than the
+    model it was made from (``slower_than_source``)."""
     rows: list[dict[str, Any]] = []
+    slower = slower_than_source(record)
     for variant in read_variants(record):
         figures, timing = variant.validation, variant.benchmark
         batch_size = next(iter(timing.batches)) if timing else None
@@ -54,6 +108,7 @@ def variant_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "speedup_vs_baseline": round(timing.speedup_vs_baseline[batch_size], 3) if timing else None,
             "stage_seconds": _stage_seconds(record, variant.name),
             "status": variant.status,
+            "slower_than": slower.get(variant.name),
         })
     return rows
 
@@ -145,7 +200,8 @@ def fitted_table(title: str, columns: list[Column], cells: list[list[str]], widt
 
 def variants_table(record: dict[str, Any], width: int | None = None) -> Table:
     """The metric / size / time table of a run's variants against the FP32 baseline; on a console narrower
-    than ``width`` needs, headers shorten and kind, stage seconds, logit and agreement columns go first."""
+    than ``width`` needs, headers shorten and kind, stage seconds, logit and agreement columns go first. A variant slower
+    than the model it was made from says so in its status."""
     rows = variant_rows(record)
     batch = next((row["latency_batch"] for row in rows if row["latency_batch"]), None)
     label, delta, closeness = metric_headers(rows)
@@ -162,23 +218,24 @@ def variants_table(record: dict[str, Any], width: int | None = None) -> Table:
         cells.append([
             escape(row["variant"]), row["kind"], *metric_cells(row), f"{row['max_abs_logit_diff']:.3g}", format_bytes(row["size_bytes"]),
             f"{row['latency_p50_ms']:.3f}" if timed else "-", f"{row['speedup_vs_baseline']:.2f}×" if timed else "-",
-            row["stage_seconds"], row["status"],
+            row["stage_seconds"], escape(status_cell(row)),
         ])
     styles = ["red" if row["status"] == "rejected" else None for row in rows]
     return fitted_table(f"{record['recipe']['name']} · run {record['run_id']} · {record['state']}", columns, cells, width, styles)
 
 
 def _metrics_summary(run_id: str, stage: StageResult) -> str:
-    """Validate: each variant's verdict; benchmark: each variant's speed-up at the first batch size; else the
+    """Validate: each variant's verdict; benchmark: each variant's speed-up at the first batch size and its warnings; else the
     stage's highlighted figures (``pipeline.review.stage_facts``), or its first scalars."""
     report = stage_report(run_id, stage)
     if isinstance(report, ValidationReport):
         return ", ".join(f"{name}: {figures.status}" for name, figures in report.variants.items())
     if isinstance(report, BenchmarkReport):
+        warned = "".join(f" · warning: {warning}" for warning in report.warnings)
         return ", ".join(
             f"{name}: {next(iter(entry.speedup_vs_baseline.values())):.2f}× at batch {next(iter(entry.batches))}"
             for name, entry in report.variants.items()
-        )
+        ) + warned
     highlights = stage_highlights(stage.model_dump(mode="json"))
     if highlights:  # the figures the review page shows for this kind of stage
         return ", ".join(f"{label} {value}" for label, value in highlights)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pipeline.torchkit.model_io import ModelIO
     from pipeline.torchkit.tasks import Scoring
 
-ModelKind = Literal["torch", "onnx", "engine", "report"]
+ModelKind = Literal["torch", "onnx", "engine", "openvino", "report"]
 Arity = Literal["none", "one", "many"]
 # What a stage needs from the machine or the recipe beyond its inputs; shown by `optipipe validate`.
 Capability = Literal["cuda", "train_data", "eval_data", "checkpoint"]

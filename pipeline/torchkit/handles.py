@@ -17,6 +17,7 @@ from pipeline.imports import resolve_callable
 TORCH_MODULE_FILE = "model.pt"
 TORCH_WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
+OPENVINO_FILE = "model.xml"  # its weights: model.bin beside it (meta side_files)
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,25 @@ class ModelHandle:
 
 @dataclass(frozen=True)
 class TorchModel(ModelHandle):
-    """A PyTorch module: a pickled ``nn.Module`` (``model.pt``) or a weights-only state_dict plus its factory."""
+    """A PyTorch module: a pickled ``nn.Module`` (``model.pt``), a weights-only state_dict plus its factory, or a
+    deployment format (``format: torchscript`` or ``aoti``, see ``pipeline.torchkit.torch_formats``)."""
 
     kind: ClassVar[str] = "torch"
 
     def load(self) -> torch.nn.Module:
         """Rebuild the module in eval mode on CPU.
 
-        Whole-module pickles are only ever files the artifact store wrote and digest-checked;
-        user checkpoints never take this path (see stages/load_checkpoint.py).
+        Whole-module pickles and TorchScript files (``torch.jit.load`` runs the code they hold) are only ever files
+        the artifact store wrote and digest-checked; user checkpoints never take this path (see stages/load_checkpoint.py).
+        An AOTInductor package is no module: only its runner (``runner_for``) runs it.
         """
+        if self.meta.get("format") == "aoti":
+            raise StageError(
+                f"{self.path.name} is an AOTInductor package (compile stage): validate, benchmark and select run it, but no "
+                "stage can change it; put the stages that change the model before compile"
+            )
+        if self.meta.get("format") == "torchscript":
+            return torch.jit.load(str(self.path), map_location="cpu").eval()
         if self.meta.get("format") == "state_dict":
             from pipeline.torchkit.channels import replay_cuts
 
@@ -73,13 +83,20 @@ class EngineModel(ModelHandle):
 
 
 @dataclass(frozen=True)
+class OpenVinoModel(ModelHandle):
+    """An OpenVINO IR: ``model.xml`` (the graph) with its weights in ``model.bin``, run with OpenVINO on the CPU."""
+
+    kind: ClassVar[str] = "openvino"
+
+
+@dataclass(frozen=True)
 class ReportFile(ModelHandle):
     """A JSON report a checking stage (validate, benchmark) writes instead of a model."""
 
     kind: ClassVar[str] = "report"
 
 
-HANDLE_TYPES: dict[str, type[ModelHandle]] = {cls.kind: cls for cls in (TorchModel, OnnxModel, EngineModel, ReportFile)}
+HANDLE_TYPES: dict[str, type[ModelHandle]] = {cls.kind: cls for cls in (TorchModel, OnnxModel, EngineModel, OpenVinoModel, ReportFile)}
 
 
 def handle_from_record(folder: Path, model_file: str, kind: str, meta: dict[str, Any]) -> ModelHandle:

@@ -51,15 +51,36 @@ def timed_calls(runner: Runner, batch: Feeds, calls: int, seconds: float) -> lis
     return timings
 
 
-def summarize(timings: list[float], batch_size: int) -> BatchTiming:
-    """Median and p95 latency (ms) and throughput (samples/s) of the pooled timings of one batch size."""
+ROUNDS_FOR_PERCENTILES = 5  # fewer rounds than this: the spread runs from the lowest to the highest round median
+
+
+def round_spread(round_medians: list[float], median: float) -> tuple[float, float, float]:
+    """The p5 and p95 of the per-round medians (min and max under ``ROUNDS_FOR_PERCENTILES`` rounds) and their
+    distance apart as a share of the pooled ``median``."""
+    if len(round_medians) < ROUNDS_FOR_PERCENTILES:
+        low, high = min(round_medians), max(round_medians)
+    else:
+        low, high = (float(value) for value in np.percentile(round_medians, [5, 95]))
+    return low, high, (high - low) / median
+
+
+def summarize(rounds: list[list[float]], batch_size: int) -> BatchTiming:
+    """Median and p95 latency (ms) and throughput (samples/s) of the timings of one batch size pooled over its
+    rounds, and the spread of the rounds' own medians."""
+    timings = [timing for round_timings in rounds for timing in round_timings]
     median = statistics.median(timings)
+    round_medians = [statistics.median(round_timings) for round_timings in rounds]
+    low, high, spread = round_spread(round_medians, median)
     return BatchTiming(
         runs=len(timings),
         timed_seconds=sum(timings),
         p50_ms=median * 1e3,
         p95_ms=float(np.percentile(timings, 95)) * 1e3,
         throughput_per_s=batch_size / median,
+        round_medians_ms=[value * 1e3 for value in round_medians],
+        round_p5_ms=low * 1e3,
+        round_p95_ms=high * 1e3,
+        spread=spread,
     )
 
 
@@ -78,20 +99,21 @@ def load_runner(handle: ModelHandle, model_io: ModelIO, largest_batch: Feeds) ->
 
 def time_interleaved(runners: dict[str, Runner], eval_inputs: Feeds, batch_sizes: Sequence[int], knobs: TimingParams,
                      stage: str = "benchmark") -> dict[str, dict[str, BatchTiming]]:
-    """Per model and batch size (as a string), timings pooled over ``knobs.rounds`` passes that each time every model in turn."""
+    """Per model and batch size (as a string), timings pooled over ``knobs.rounds`` passes that each time every model in
+    turn, with the spread of the passes' medians."""
     calls_per_round = -(-knobs.iterations // knobs.rounds)
     seconds_per_round = knobs.min_seconds / knobs.rounds
     figures: dict[str, dict[str, BatchTiming]] = {name: {} for name in runners}
     for size in batch_sizes:
         batch = cycled_rows(eval_inputs, size)
-        timings: dict[str, list[float]] = {name: [] for name in runners}
+        rounds: dict[str, list[list[float]]] = {name: [] for name in runners}
         for runner in runners.values():
             for _ in range(knobs.warmup):
                 runner.predict(batch)
         for _ in track(range(knobs.rounds), f"{stage} batch {size}"):
             for name, runner in runners.items():
                 runner.predict(batch)  # one untimed call: the model timed before this one had the caches
-                timings[name] += timed_calls(runner, batch, calls_per_round, seconds_per_round)
-        for name, pooled in timings.items():
-            figures[name][str(size)] = summarize(pooled, size)
+                rounds[name].append(timed_calls(runner, batch, calls_per_round, seconds_per_round))
+        for name, timed in rounds.items():
+            figures[name][str(size)] = summarize(timed, size)
     return figures
