@@ -4,6 +4,7 @@
 
 Each model goes through a real optipipe recipe (``run_plan``, no Prefect, in a fresh store under
 ``--out``/work so nothing is reused from a cache and the artifacts stay for inspection): fuse, quantize (torch dynamic and static, onnxruntime static QDQ), export ONNX, and
+OpenVINO (FP32 from the ONNX file, ORT's INT8 file run natively, NNCF INT8), AOTInductor and TorchScript, and
 for models with real labels prune half the channels, distill from FP32 and quantize that. The recipe's
 ``benchmark`` stage times every variant after warm-up at batch 1 and 8 with the FP32 eager baseline
 measured in the same stage; ``validate`` gives top-1 (or agreement with FP32 where labels mean nothing).
@@ -52,6 +53,11 @@ QUANTIZE_STAGES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "torch_static": ("quantize", ["fused"], {"mode": "static", "calibration_batches": 16}),
     "onnx": ("export_onnx", ["fused"], {}),
     "onnx_int8": ("quantize_onnx", ["onnx"], INT8_STATIC),
+    "ov": ("openvino", ["onnx"], {}),
+    "ov_int8": ("openvino", ["onnx_int8"], {}),
+    "ov_nncf": ("openvino", ["onnx"], {"quantize": "nncf"}),
+    "aoti": ("compile", ["fused"], {}),
+    "torchscript": ("torchscript", ["fused"], {}),
 }
 # Transformers: no conv-BN to fuse; dynamic INT8 of the Linear / MatMul layers in torch and in onnxruntime.
 BERT_STAGES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
@@ -68,7 +74,8 @@ EDGE_STAGES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "pd_onnx": ("export_onnx", ["distilled"], {}),
     "pd_onnx_int8": ("quantize_onnx", ["pd_onnx"], INT8_STATIC),
 }
-INT8_VARIANTS = ("torch_static", "onnx_int8")
+INT8_VARIANTS = ("torch_static", "onnx_int8", "ov_int8", "ov_nncf")
+FP32_VARIANTS = ("fused", "onnx", "ov", "aoti", "torchscript")  # no quantization: FP32 accuracy
 EDGE_INT8_VARIANTS = ("pd_torch_static", "pd_onnx_int8")
 
 
@@ -235,6 +242,14 @@ def targets(results: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, bo
             (f"{label}: ≥3× lower latency than ORT FP32 at batch 1", f"{int8['x_ort_fp32']['1']:.2f}×", int8["x_ort_fp32"]["1"] >= 3),
             (f"{label}: ≥3.9× smaller", f"{int8['smaller']:.2f}×", int8["smaller"] >= 3.9),
             (f"{label}: agreement with FP32 ≥99%", f"{int8['agreement']:.2%}", int8["agreement"] >= 0.99),
+        ]
+        fastest = best(results["resnet18"], tuple(row["variant"] for row in results["resnet18"][1:]))
+        fp32 = best(results["resnet18"], FP32_VARIANTS)
+        checks += [
+            (f"ResNet-18 224: the fastest artifact ({fastest['variant']}, {fastest['runtime']}) ≥6× lower latency than FP32 eager at batch 1",
+             f"{fastest['x_eager']['1']:.2f}×", fastest["x_eager"]["1"] >= 6),
+            (f"ResNet-18 224: the fastest FP32-accuracy artifact ({fp32['variant']}, {fp32['runtime']}) ≥3× FP32 eager at batch 1",
+             f"{fp32['x_eager']['1']:.2f}×", fp32["x_eager"]["1"] >= 3),
         ]
     for name in ("digits", "digits32"):
         if name not in results:

@@ -7,6 +7,8 @@ the last epoch's loss), which the live view of a run (``pipeline.cli.live``) dra
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import threading
@@ -100,3 +102,19 @@ def track(items: Iterable[Item], description: str, total: int | None = None) -> 
                 progress.advance(task_id)
     finally:
         _unregister(loop)
+
+
+_stdout_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def library_prints_discarded() -> Iterator[None]:
+    """Discard what a library ``print()``s inside the block (onnxsim's checks, onnxruntime's calibrators): stages
+    show their own progress.
+
+    ``contextlib.redirect_stdout`` swaps the process-wide ``sys.stdout`` and puts back what it found, so two
+    overlapping redirects in concurrent stages could leave a discarding buffer in place for good (every later
+    print lost); the lock keeps them one at a time.
+    """
+    with _stdout_lock, contextlib.redirect_stdout(io.StringIO()):
+        yield

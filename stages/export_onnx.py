@@ -15,8 +15,6 @@ is: the legacy TorchScript exporter is never tried behind the user's back.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import re
 import warnings
@@ -31,6 +29,7 @@ from torch import nn
 from torch.export import Dim
 
 from pipeline.errors import ANSI_CODES, StageError, one_line
+from pipeline.progress import library_prints_discarded
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.handles import ONNX_FILE, ModelHandle, OnnxModel
 from pipeline.torchkit.model_io import Feeds, ModelIO, cycled_rows, feed_rows, feeds_length, flatten_outputs
@@ -186,7 +185,7 @@ def simplify_model(model: onnx.ModelProto, feeds: Feeds) -> onnx.ModelProto:
     import onnxsim
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # onnxsim prints "Checking 0/1..." per check
+        with library_prints_discarded():  # onnxsim prints "Checking 0/1..." per check
             simplified, check_ok = onnxsim.simplify(model, check_n=1, input_data=dict(feeds), certify=False)
     except Exception as error:  # onnxsim's own failure: say so and how to skip it
         raise StageError(f"export_onnx: onnxsim failed ({one_line(error)}); set simplify: false to keep the exporter's graph") from error
@@ -196,13 +195,18 @@ def simplify_model(model: onnx.ModelProto, feeds: Feeds) -> onnx.ModelProto:
     return simplified
 
 
+KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy")
+
+
 def keep_node_metadata(exported: onnx.ModelProto, simplified: onnx.ModelProto) -> None:
     """Copy each node's metadata (the exporter records the torch module path there) onto the simplified node of the
     same name: onnxsim keeps node names but drops their metadata, and layers are named by module path downstream
-    (quantize_onnx's ``nodes_to_exclude`` patterns and fallback, sensitivity)."""
-    metadata = {node.name: list(node.metadata_props) for node in exported.graph.node if node.name and node.metadata_props}
+    (quantize_onnx's ``nodes_to_exclude`` patterns and fallback, sensitivity). Only the scope entries are kept: the
+    exporter's stack traces would put this machine's file paths into the artifact and grow it by a kilobyte a node."""
+    metadata = {node.name: [entry for entry in node.metadata_props if entry.key in KEPT_NODE_METADATA]
+                for node in exported.graph.node if node.name}
     for node in simplified.graph.node:
-        if not node.metadata_props and node.name in metadata:
+        if not node.metadata_props and metadata.get(node.name):
             node.metadata_props.extend(metadata[node.name])
 
 

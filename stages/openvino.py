@@ -34,6 +34,7 @@ import torch
 from pydantic import Field
 
 from pipeline.errors import StageError, StageUnavailable, one_line
+from pipeline.progress import library_prints_discarded
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import OPENVINO_FILE, ModelHandle, OpenVinoModel, TorchModel
@@ -201,8 +202,9 @@ def quantize_nncf(ctx: StageContext, model: Any, runner: OpenVinoRunner, params:
     samples = calibration_rows(ctx, params.subset_size)
     dataset = nncf.Dataset(samples, runner.request_feeds)
     try:
-        quantized = nncf.quantize(model, dataset, preset=getattr(nncf.QuantizationPreset, PRESETS[params.preset]),
-                                  fast_bias_correction=params.fast_bias_correction, subset_size=len(samples))
+        with library_prints_discarded():  # NNCF draws its own progress bars on stdout
+            quantized = nncf.quantize(model, dataset, preset=getattr(nncf.QuantizationPreset, PRESETS[params.preset]),
+                                      fast_bias_correction=params.fast_bias_correction, subset_size=len(samples))
     except Exception as error:  # an op NNCF cannot handle, a calibration failure
         raise StageError(f"openvino: nncf.quantize failed ({one_line(error)[:400]}); "
                          "try preset: mixed, or quantize with quantize_onnx") from error

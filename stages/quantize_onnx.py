@@ -30,8 +30,6 @@ metrics records the layers, every set tried and whether the budget was met.
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import itertools
 import re
 import shutil
@@ -49,7 +47,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from pydantic import Field, model_validator
 
 from pipeline.errors import StageError, one_line
-from pipeline.progress import track
+from pipeline.progress import library_prints_discarded, track
 from pipeline.recipe.schema import FRACTION_FIGURES
 from pipeline.records.sensitivity import FallbackRecord
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
@@ -276,7 +274,7 @@ def quantize(
         if reader is None:
             quantize_dynamic(source, target, **common)
         else:  # onnxruntime's histogram calibrators print() their progress: the stage has its own bar
-            with contextlib.redirect_stdout(io.StringIO()):
+            with library_prints_discarded():
                 quantize_static(
                     source, target, reader,
                     quant_format=QUANT_FORMATS[params.format],

@@ -22,7 +22,7 @@ from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_model
 from pipeline.zoo import add_weight_outlier, digits_cnn
 from stages import export_onnx, quantize, quantize_onnx, sensitivity
-from tests.conftest import as_input
+from tests.conftest import as_input, digits_data
 
 BUDGET = 0.05  # the plain INT8 outlier model drops far more; with the outlier layer FP32 it drops ~2 points
 pytestmark = [
@@ -38,7 +38,7 @@ def outlier_model(data) -> nn.Module:
     """digits_cnn trained for 3 seeded epochs, with the weight outlier added; its FP32 predictions are unchanged."""
     torch.manual_seed(0)
     model = digits_cnn()
-    train_model(model, data.train, epochs=3, lr=3e-3)
+    train_model(model, digits_data().train, epochs=3, lr=3e-3)  # fresh shuffling: the same model whatever ran before
     before = TorchRunner(model.eval(), quantize.ModelIO.single()).predict(data.eval_set.inputs)
     add_weight_outlier(model)
     after = TorchRunner(model, quantize.ModelIO.single()).predict(data.eval_set.inputs)
@@ -68,7 +68,7 @@ def onnx_input(outlier_model, tmp_path_factory, data):
 
 
 def test_torch_sensitivity_ranks_the_outlier_layer_first_and_lists_those_left_out(context, torch_input):
-    output = sensitivity.run(context("sens"), {"input": torch_input}, sensitivity.Params(eval_rows=200, calibration_batches=2, max_layers=3))
+    output = sensitivity.run(context("sens", load_data=digits_data), {"input": torch_input}, sensitivity.Params(eval_rows=200, calibration_batches=2, max_layers=3))
     report = SensitivityReport.model_validate(json.loads(output.product.path.read_text()))
     assert output.metrics == report.model_dump(mode="json") and report.kind == "torch" and report.eval_rows == 200
     top = report.layers[0]
@@ -83,7 +83,7 @@ def test_torch_sensitivity_ranks_the_outlier_layer_first_and_lists_those_left_ou
 
 
 def test_onnx_sensitivity_ranks_the_outlier_node_first_by_name_module_path_and_position(context, onnx_input):
-    output = sensitivity.run(context("sens"), {"input": onnx_input}, sensitivity.Params(eval_rows=200, calibration_batches=2))
+    output = sensitivity.run(context("sens", load_data=digits_data), {"input": onnx_input}, sensitivity.Params(eval_rows=200, calibration_batches=2))
     report = SensitivityReport.model_validate(output.metrics)
     top = report.layers[0]
     assert (report.kind, top.op_type, top.position) == ("onnx", "Conv", "Conv#2") and top.name.startswith("node_Conv")
@@ -94,7 +94,7 @@ def test_onnx_sensitivity_ranks_the_outlier_node_first_by_name_module_path_and_p
 
 def test_torch_fallback_auto_keeps_only_the_outlier_layer_fp32(context, torch_input):
     params = quantize.Params(mode="static", calibration_batches=2, fallback="auto", max_drop=BUDGET)
-    metrics = quantize.run(context("int8"), {"input": torch_input}, params).metrics
+    metrics = quantize.run(context("int8", load_data=digits_data), {"input": torch_input}, params).metrics
     fallback = metrics["fallback"]
     assert fallback["met_budget"] and [(layer["module_path"], layer["position"]) for layer in fallback["layers"]] == [("features.3.0", "Conv2d#2")]
     drops = [trial["figures"]["drop"] for trial in fallback["trials"]]
@@ -104,7 +104,7 @@ def test_torch_fallback_auto_keeps_only_the_outlier_layer_fp32(context, torch_in
 
 def test_onnx_fallback_auto_keeps_only_the_outlier_node_fp32(context, onnx_input):
     params = quantize_onnx.Params(calibration_batches=2, fallback="auto", max_drop=BUDGET)
-    metrics = quantize_onnx.run(context("int8"), {"input": onnx_input}, params).metrics
+    metrics = quantize_onnx.run(context("int8", load_data=digits_data), {"input": onnx_input}, params).metrics
     fallback = metrics["fallback"]
     assert fallback["met_budget"] and [layer["position"] for layer in fallback["layers"]] == ["Conv#2"]
     assert fallback["layers"][0]["module_path"].startswith("features.3.")
@@ -133,13 +133,13 @@ def test_exclusions_by_position_and_module_path_resolve_to_the_same_node_after_a
 
 def test_patterns_that_match_nothing_are_one_line_errors_with_a_candidate(context, torch_input, onnx_input):
     with pytest.raises(StageError, match=r"^quantize: keep_fp32 names 'features\.9\.\*', which is not a Conv/Linear module path of the model; did you mean 'features\..*'\?$"):
-        quantize.run(context("int8"), {"input": torch_input}, quantize.Params(mode="static", calibration_batches=1, keep_fp32=["features.9.*"]))
+        quantize.run(context("int8", load_data=digits_data), {"input": torch_input}, quantize.Params(mode="static", calibration_batches=1, keep_fp32=["features.9.*"]))
     with pytest.raises(StageError, match=r"^quantize_onnx: nodes_to_exclude names 'Conv#7', which is not a node of the model; did you mean 'Conv#\d'\?$"):
-        quantize_onnx.run(context("onnx-int8"), {"input": onnx_input}, quantize_onnx.Params(calibration_batches=1, nodes_to_exclude=["Conv#7"]))
+        quantize_onnx.run(context("onnx-int8", load_data=digits_data), {"input": onnx_input}, quantize_onnx.Params(calibration_batches=1, nodes_to_exclude=["Conv#7"]))
 
 
 def test_keep_fp32_pattern_keeps_the_layer_fp32_with_why(context, torch_input):
-    metrics = quantize.run(context("int8"), {"input": torch_input}, quantize.Params(mode="static", calibration_batches=2, keep_fp32=["features.3.*"])).metrics
+    metrics = quantize.run(context("int8", load_data=digits_data), {"input": torch_input}, quantize.Params(mode="static", calibration_batches=2, keep_fp32=["features.3.*"])).metrics
     assert metrics["fp32_layers"] == {"features.3.0.0 (Conv2d)": "kept FP32 by keep_fp32"} and -metrics["delta"] <= BUDGET
 
 
@@ -147,7 +147,7 @@ def test_too_few_fallback_layers_fail_in_one_line_naming_the_best_reached(contex
     params = quantize.Params(mode="static", calibration_batches=2, fallback="auto", max_drop=0.0, max_fallback_layers=1)
     with pytest.raises(StageError, match=r"^quantize: fallback: auto could not meet max_drop 0 keeping up to 1 of 4 layers FP32: the best reached "
                                          r"is top1 drop 0\.\d+ with \[features\.3\.0\] FP32; raise max_fallback_layers or max_drop") as raised:
-        quantize.run(context("int8"), {"input": torch_input}, params)
+        quantize.run(context("int8", load_data=digits_data), {"input": torch_input}, params)
     assert "\n" not in str(raised.value)
 
 
@@ -155,7 +155,7 @@ def test_a_fused_graph_module_exported_simplified_keeps_its_module_paths(outlier
     from stages import fuse_conv_bn
 
     folder = tmp_path_factory.mktemp("fused")
-    fused = fuse_conv_bn.run(context("fused"), {"input": as_input(outlier_model, folder)}, fuse_conv_bn.Params()).product.load()
+    fused = fuse_conv_bn.run(context("fused", load_data=digits_data), {"input": as_input(outlier_model, folder)}, fuse_conv_bn.Params()).product.load()
     path = exported(fused, folder, data, simplify=True).path
     convs = [layer for layer in quantize_onnx.graph_nodes(path) if layer.op_type == "Conv"]
     assert [layer.module_path for layer in convs] == ["features.0.0", "features.1.0", "features.3.0"]
