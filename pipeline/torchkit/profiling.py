@@ -9,11 +9,14 @@ session from its start).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch.profiler import ProfilerActivity, profile
 
@@ -31,13 +34,29 @@ def top_operators(ms_per_call: dict[str, float], top: int = TOP_OPERATORS) -> di
     return kept | {OTHER: rest} if len(ranked) > top else kept
 
 
+@contextlib.contextmanager
+def native_stderr_discarded() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block: torch's profiler (kineto) writes a ``USDT: ... profiler_start``
+    line to the C stderr at every start and stop, which no setting turns off. The descriptor is process-wide, so this
+    is only for the benchmark, which runs alone (``runs_alone``)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def torch_profile(call: Callable[[], Any], trace_path: Path, cuda: bool = False, calls: int = PROFILED_CALLS) -> dict[str, float]:
     """Milliseconds per call of each op the model called (the outermost ops, e.g. ``aten::conv2d``, ``quantized::linear``,
     each with the time of the ops inside it, so the types add up to the call), over ``calls`` profiled calls after one
     unprofiled one; the trace goes to ``trace_path``. On CUDA the trace shows the kernels too, the figures stay host-side."""
     call()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as profiler:
+    with native_stderr_discarded(), profile(activities=activities) as profiler:
         for _ in range(calls):
             call()
     profiler.export_chrome_trace(str(trace_path))
