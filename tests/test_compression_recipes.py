@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,7 @@ from tests.conftest import REPO_ROOT, optipipe_stderr
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 QUICK_BENCHMARK = ["bench.batch_sizes=[1]", "bench.min_seconds=0.1", "bench.iterations=5"]
 EXPECTED_VARIANTS = {
+    "cpu-fastest": {"onnx", "onnx_int8", "ov", "ov_int8", "ov_nncf", "aoti", "ts"},
     "cpu-int8": {"torch_dyn", "torch_static", "onnx", "onnx_int8"},
     "edge-small": {"distilled", "int8", "onnx", "onnx_int8"},
     "qat": {"ptq", "qat"},
@@ -43,6 +45,13 @@ def test_recipe_validates_every_variant_against_fp32(name, demo_checkpoint, tmp_
         pruned = stages["pruned"]["metrics"]
         assert pruned["params_ratio"] < 0.35 and pruned["macs_ratio"] < 0.35
         assert check["variants"]["onnx_int8"]["size_bytes"] < check["baseline"]["size_bytes"] / 8
+    if name == "cpu-fastest":  # every runtime profiled, with its trace in the benchmark's artifact
+        timings = stages["bench"]["metrics"]["variants"]
+        assert {timings[variant]["runtime"] for variant in timings} == {
+            "onnxruntime (CPU)", "OpenVINO (CPU)", "AOTInductor (CPU)", "TorchScript (CPU)"}
+        for variant, entry in timings.items():
+            assert entry["top_operators"] and entry["trace_file"], variant
+            assert (Path(stages["bench"]["artifact"]) / entry["trace_file"]).is_file(), variant
     if name == "cpu-int8":
         assert check["variants"]["onnx_int8"]["size_bytes"] < check["variants"]["onnx"]["size_bytes"] / 3
 
