@@ -5,6 +5,7 @@ Raise them with the fix in the message: what was wrong, where (file, line, field
 
 from __future__ import annotations
 
+import difflib
 import re
 
 ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
@@ -46,3 +47,9 @@ class StageUnavailable(OptipipeError):
     The session records the stage as ``skipped`` with this message; stages fed only by it are skipped
     with the same reason, and stages taking many inputs (validate) go on without it.
     """
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """' (did you mean \'x\'?)' for the closest of ``choices``, else the choices to pick from."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else f" (choose from: {', '.join(sorted(choices))})"

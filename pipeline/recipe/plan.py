@@ -13,7 +13,6 @@ upstream keep their recipe names, so their cache keys are those of the same reci
 
 from __future__ import annotations
 
-import difflib
 import graphlib
 import hashlib
 import itertools
@@ -25,29 +24,12 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, did_you_mean
 from pipeline.imports import add_search_path, check_reference
-from pipeline.recipe.schema import STAGE_NAME_PATTERN, MatrixValue, Recipe, StageSpec
+from pipeline.recipe.matrix import Label, branch_name, kept_combinations, matrix_combinations, matrix_problem
+from pipeline.recipe.schema import STAGE_NAME_PATTERN, Recipe, StageSpec
 from pipeline.recipe.yaml_lines import LineMap, load_yaml_value, load_yaml_with_lines
 from pipeline.run.registry import declaration, stage_names
-
-Label = tuple[tuple[str, MatrixValue], ...]  # the matrix assignments that make a branch, keys in recipe order
-REFUSED_IN_VALUES = "/[],="  # characters that would make a branch name a path or ambiguous
-
-
-def format_value(value: MatrixValue) -> str:
-    """A matrix value as YAML writes it: true/false, 0.5, strings bare."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def format_label(label: Label) -> str:
-    """``key=value,...`` in the label's order."""
-    return ",".join(f"{key}={format_value(value)}" for key, value in label)
-
-
-def branch_name(stage: str, label: Label) -> str:
-    """``stage[key=value,...]`` for a branch, the stage's own name when the label is empty."""
-    return f"{stage}[{format_label(label)}]" if label else stage
 
 
 @dataclass(frozen=True)
@@ -129,11 +111,6 @@ class Plan:
         return upstream
 
 
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else f" (choose from: {', '.join(sorted(choices))})"
-
-
 def _apply_overrides(raw: dict[str, Any], overrides: list[str], path: Path) -> None:
     """Apply ``--set STAGE.PARAM=VALUE`` (VALUE parsed as YAML) to the raw recipe mapping.
 
@@ -148,7 +125,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], path: Path) -> N
         if not sep or not dot or not param:
             raise RecipeError(f"--set {override!r}: write it as STAGE.PARAM=VALUE, e.g. int8.calibration_batches=32")
         if stage_name not in stages:
-            raise RecipeError(f"--set {override!r}: {path} has no stage '{stage_name}'{_suggest(stage_name, list(stages))}")
+            raise RecipeError(f"--set {override!r}: {path} has no stage '{stage_name}'{did_you_mean(stage_name, list(stages))}")
         stage = stages[stage_name]
         if not isinstance(stage, dict):
             continue  # not a stage mapping: validating the recipe names the problem with its line
@@ -170,7 +147,7 @@ def _pydantic_errors(path: Path, lines: LineMap, error: ValidationError, prefix:
     loc = prefix + tuple(first["loc"])
     message = first["msg"]
     if first["type"] == "extra_forbidden":
-        message = f"unknown key '{loc[-1]}'{_suggest(str(loc[-1]), fields)}"
+        message = f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), fields)}"
     elif first["type"] == "missing":
         message = f"required key '{loc[-1]}' is missing"
     elif "input" in first and first["type"] not in {"missing"}:
@@ -201,13 +178,13 @@ def _check_stage(path: Path, lines: LineMap, recipe: Recipe, name: str) -> None:
     if not re.match(STAGE_NAME_PATTERN, name):
         raise RecipeError(_error_message(path, lines, loc, "stage names may hold only letters, digits, '-' and '_'"))
     if spec.uses not in stage_names():
-        raise RecipeError(_error_message(path, lines, loc + ("uses",), f"unknown stage '{spec.uses}'{_suggest(spec.uses, stage_names())}"))
+        raise RecipeError(_error_message(path, lines, loc + ("uses",), f"unknown stage '{spec.uses}'{did_you_mean(spec.uses, stage_names())}"))
     declared = declaration(spec.uses)
     for upstream in spec.needs:
         if upstream == name:
             raise RecipeError(_error_message(path, lines, loc + ("needs",), f"stage '{name}' needs itself"))
         if upstream not in recipe.stages:
-            raise RecipeError(_error_message(path, lines, loc + ("needs",), f"needs unknown stage '{upstream}'{_suggest(upstream, list(recipe.stages))}"))
+            raise RecipeError(_error_message(path, lines, loc + ("needs",), f"needs unknown stage '{upstream}'{did_you_mean(upstream, list(recipe.stages))}"))
     if declared.inputs == "none" and spec.needs:
         raise RecipeError(_error_message(path, lines, loc + ("needs",), f"'{spec.uses}' starts a pipeline and takes no inputs; remove 'needs'"))
     if declared.inputs == "one" and len(spec.needs) != 1:
@@ -217,69 +194,10 @@ def _check_stage(path: Path, lines: LineMap, recipe: Recipe, name: str) -> None:
     fields = [info.alias or field for field, info in declared.params.model_fields.items()]
     for key in spec.matrix:
         if key not in fields:
-            raise RecipeError(_error_message(path, lines, loc + ("matrix", key), f"unknown parameter '{key}' of '{spec.uses}'{_suggest(key, fields)}"))
-    _check_matrix(path, lines, name, spec)
-
-
-def _same(value: MatrixValue, other: MatrixValue) -> bool:
-    """Equal matrix values, true never equal to 1."""
-    return value == other and isinstance(value, bool) == isinstance(other, bool)
-
-
-def _value_problem(value: MatrixValue) -> str | None:
-    """Why a matrix value cannot be part of a branch name (None: it can)."""
-    if isinstance(value, str) and not value.strip():
-        return "is blank"
-    if isinstance(value, str) and any(char in value for char in REFUSED_IN_VALUES):
-        return f"holds one of {' '.join(REFUSED_IN_VALUES)}"
-    return None
-
-
-def _check_matrix(path: Path, lines: LineMap, name: str, spec: StageSpec) -> None:
-    """A matrix's keys are not in ``with``, each lists distinct values that can name a branch, and the ``exclude``
-    rows name its keys and values and leave at least one combination."""
-    loc = ("stages", name, "matrix")
-    for key, values in spec.matrix.items():
-        if key in spec.with_:
-            raise RecipeError(_error_message(path, lines, loc + (key,), f"'{key}' is both in 'with' and in 'matrix'; give it in one"))
-        if not values:
-            raise RecipeError(_error_message(path, lines, loc + (key,), f"matrix key '{key}' has no values; list at least one"))
-        for index, value in enumerate(values):
-            problem = _value_problem(value)
-            if problem:
-                raise RecipeError(_error_message(path, lines, loc + (key, index), f"matrix value {value!r} of '{key}' {problem}, "
-                                                 "so it cannot name a branch; use a plain word or number"))
-            if any(_same(value, earlier) for earlier in values[:index]):
-                raise RecipeError(_error_message(path, lines, loc + (key, index), f"matrix key '{key}' lists {format_value(value)} twice"))
-    for row_index, row in enumerate(spec.exclude):
-        for key, value in row.items():
-            where = ("stages", name, "exclude", row_index, key)
-            if key not in spec.matrix:
-                hint = _suggest(key, list(spec.matrix)) if spec.matrix else "; this stage has no matrix"
-                raise RecipeError(_error_message(path, lines, where, f"exclude names '{key}', which is not a matrix key{hint}"))
-            if not any(_same(value, listed) for listed in spec.matrix[key]):
-                listed = ", ".join(format_value(item) for item in spec.matrix[key])
-                raise RecipeError(_error_message(path, lines, where,
-                                                 f"exclude names {key}: {format_value(value)}, which is not one of its matrix values ({listed})"))
-    if spec.exclude and not kept_combinations(spec):
-        total = len(matrix_combinations(spec))
-        raise RecipeError(_error_message(path, lines, ("stages", name, "exclude"),
-                                         f"exclude removes all {total} combinations of the matrix; leave at least one"))
-
-
-def matrix_combinations(spec: StageSpec) -> list[Label]:
-    """Every combination of a stage's matrix, keys in the order written, the last key changing fastest (one empty
-    label without a matrix)."""
-    return [tuple(zip(spec.matrix, values)) for values in itertools.product(*spec.matrix.values())]
-
-
-def kept_combinations(spec: StageSpec) -> list[Label]:
-    """The combinations of a stage's matrix that no ``exclude`` row matches."""
-    def excluded(label: Label) -> bool:
-        assigned = dict(label)
-        return any(all(_same(assigned[key], value) for key, value in row.items()) for row in spec.exclude)
-
-    return [label for label in matrix_combinations(spec) if not excluded(label)]
+            raise RecipeError(_error_message(path, lines, loc + ("matrix", key), f"unknown parameter '{key}' of '{spec.uses}'{did_you_mean(key, fields)}"))
+    problem = matrix_problem(name, spec)
+    if problem:
+        raise RecipeError(_error_message(path, lines, *problem))
 
 
 def _branch_params(path: Path, lines: LineMap, name: str, spec: StageSpec, label: Label) -> BaseModel:
@@ -351,7 +269,7 @@ def _topological_order(path: Path, lines: LineMap, recipe: Recipe) -> list[str]:
 def _choose_baseline(path: Path, lines: LineMap, recipe: Recipe) -> str:
     if recipe.baseline is not None:
         if recipe.baseline not in recipe.stages:
-            raise RecipeError(_error_message(path, lines, ("baseline",), f"unknown stage '{recipe.baseline}'{_suggest(recipe.baseline, list(recipe.stages))}"))
+            raise RecipeError(_error_message(path, lines, ("baseline",), f"unknown stage '{recipe.baseline}'{did_you_mean(recipe.baseline, list(recipe.stages))}"))
         return recipe.baseline
     sources = [name for name, spec in recipe.stages.items() if spec.uses == "load_checkpoint"]
     if len(sources) != 1:

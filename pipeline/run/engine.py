@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 from pipeline.errors import CheckpointError, StoreError, one_line
 from pipeline.hf import check_pretrained_folder
-from pipeline.recipe.plan import Plan, format_label
+from pipeline.recipe.matrix import format_label
+from pipeline.recipe.plan import Plan
 from pipeline.records.models import StageResult
 from pipeline.records.store import ArtifactStore
 from pipeline.run.cancel import Cancelled, raise_if_cancelled
