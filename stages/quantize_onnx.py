@@ -29,17 +29,14 @@ metrics records the layers, every set tried and whether the budget was met.
 
 from __future__ import annotations
 
-import ast
 import itertools
 import re
 import shutil
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
@@ -54,18 +51,9 @@ from pipeline.run.contract import StageContext, StageOutput, StageParams, declar
 from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ONNX_FILE, ModelHandle, OnnxModel
 from pipeline.torchkit.model_io import ModelIO, feeds_length
+from pipeline.torchkit.onnx_graph import graph_nodes, op_counts
 from pipeline.torchkit.runners import OnnxRunner
-from pipeline.torchkit.sensitivity import (
-    Budget,
-    Build,
-    Layer,
-    Scorer,
-    matching_layers,
-    numbered,
-    ranked_by_recovery,
-    search_fallback,
-    within_budget,
-)
+from pipeline.torchkit.sensitivity import Budget, Build, Layer, Scorer, matching_layers, ranked_by_recovery, search_fallback, within_budget
 
 
 class Params(StageParams):
@@ -188,31 +176,6 @@ def quantization_failure(error: BaseException, params: Params) -> StageError:
     return StageError(f"quantize_onnx: onnxruntime.quantization failed in {params.mode} mode ({message[:400]}); {advice}")
 
 
-def module_path(node: onnx.NodeProto) -> str | None:
-    """The torch module the dynamo exporter made ``node`` from (its ``pkg.torch.onnx.name_scopes`` metadata), or None.
-
-    The scopes run from the root to the op (``['', 'module', 'module.features', ..., 'relu_1']``, or flattened
-    ``['', 'module.features.0.0', 'conv2d']`` for an fx GraphModule); the last module scope is the path, without
-    the ``module.`` of export_onnx's wrapper. A Conv with a BatchNorm folded into
-    it by the exporter carries the BatchNorm's scope (``features.0.1``), a sibling of the conv's.
-    """
-    metadata = {entry.key: entry.value for entry in node.metadata_props}
-    if "pkg.torch.onnx.name_scopes" not in metadata:
-        return None
-    scopes = ast.literal_eval(metadata["pkg.torch.onnx.name_scopes"])
-    classes = ast.literal_eval(metadata.get("pkg.torch.onnx.class_hierarchy", "[]"))
-    path = scopes[-2] if len(scopes) >= 2 else ""
-    if classes and classes[0].endswith("export_onnx.ExportedForward"):  # the wrapper holds the model as `module`
-        path = "" if path == "module" else path.removeprefix("module.")
-    return path or None
-
-
-def graph_nodes(path: Path) -> list[Layer]:
-    """Every node of an ONNX file in topological order: name, op type, position (``Conv#3``) and torch module path."""
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return numbered((node.name, node.op_type, module_path(node)) for node in graph.node)
-
-
 def layers_of(nodes: list[Layer], params: Params) -> list[Layer]:
     """The nodes counted as layers (``LAYER_OPS``, narrowed by ``op_types_to_quantize``), in topological order."""
     wanted = set(params.op_types_to_quantize or LAYER_OPS) & set(LAYER_OPS)
@@ -331,11 +294,6 @@ def optimize_for_runtime(source: Path, target: Path) -> None:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # the quantizer wrote a graph onnxruntime cannot load
         raise StageError(f"quantize_onnx: onnxruntime cannot load the quantized model ({one_line(error)[:400]}); {DEFAULT_ADVICE}") from error
-
-
-def op_counts(path: Path) -> dict[str, int]:
-    """Nodes of each op type in an ONNX file, most frequent first."""
-    return dict(Counter(node.op_type for node in onnx.load(str(path)).graph.node).most_common())
 
 
 def shown(metric: str, value: float) -> str:

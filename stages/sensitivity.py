@@ -27,6 +27,7 @@ from pipeline.records.sensitivity import LayerSensitivity, SensitivityReport, Tr
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ModelHandle, ReportFile
+from pipeline.torchkit.onnx_graph import graph_nodes
 from pipeline.torchkit.runners import OnnxRunner, runner_for
 from pipeline.torchkit.sensitivity import Layer, Scorer, measure_layers
 from stages import quantize, quantize_onnx
@@ -67,7 +68,7 @@ def onnx_layers_measured(ctx: StageContext, source: ModelHandle, params: Params,
     try:
         preprocessed = scratch / quantize_onnx.PREPROCESSED_FILE
         quantize_onnx.preprocess(source.path, preprocessed)
-        layers = quantize_onnx.layers_of(quantize_onnx.graph_nodes(preprocessed), settings)
+        layers = quantize_onnx.layers_of(graph_nodes(preprocessed), settings)
         calibration = quantize_onnx.calibration_set(ctx, settings)
         build = quantize_onnx.trial_builder(preprocessed, scratch, ctx, OnnxRunner(source.path), settings, calibration, [], scorer)
         int8, rows = measure_layers(layers[:params.max_layers], build, scorer)

@@ -12,6 +12,7 @@ import pytest
 from pipeline.errors import StageError
 from pipeline.run.contract import StageContext
 from pipeline.torchkit.handles import ONNX_FILE, OnnxModel
+from pipeline.torchkit.onnx_graph import op_counts
 from pipeline.torchkit.runners import OnnxRunner
 from stages import export_onnx, load_checkpoint, quantize_onnx
 from tests.conftest import one_stage_recipe
@@ -63,7 +64,7 @@ def test_static_qdq_default_is_small_and_agrees_with_fp32(context, fp32_onnx, da
     model = onnx.load(output.product.path)
     onnx.checker.check_model(model)
     ops = metrics["op_counts"]
-    assert ops == quantize_onnx.op_counts(output.product.path)
+    assert ops == op_counts(output.product.path)
     assert ops["Conv"] == 3 and ops["QuantizeLinear"] >= 4 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
     assert metrics["runtime_op_counts"]["QLinearConv"] == 3  # onnxruntime fuses every Q-DQ-Conv into an INT8 conv
     assert "Conv" not in metrics["runtime_op_counts"] and metrics["onnxruntime_version"] == onnxruntime.__version__

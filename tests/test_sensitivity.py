@@ -18,6 +18,7 @@ from torch import nn
 from pipeline.errors import StageError
 from pipeline.records.sensitivity import SensitivityReport
 from pipeline.review.sensitivity import sensitivity_section
+from pipeline.torchkit.onnx_graph import graph_nodes
 from pipeline.torchkit.runners import TorchRunner
 from pipeline.torchkit.train import train_model
 from pipeline.zoo import add_weight_outlier, digits_cnn
@@ -117,7 +118,7 @@ def test_exclusions_by_position_and_module_path_resolve_to_the_same_node_after_a
     resolved = []
     for copy, simplify in (("simplified", True), ("as-exported", False)):
         path = exported(outlier_model, tmp_path_factory.mktemp(copy), data, simplify).path
-        nodes = quantize_onnx.graph_nodes(path)
+        nodes = graph_nodes(path)
         weights = {init.name: onnx.numpy_helper.to_array(init) for init in onnx.load(path).graph.initializer}
         graph = {node.name: node for node in onnx.load(path).graph.node}
         for pattern in ("Conv#2", "features.3.1"):
@@ -157,5 +158,5 @@ def test_a_fused_graph_module_exported_simplified_keeps_its_module_paths(outlier
     folder = tmp_path_factory.mktemp("fused")
     fused = fuse_conv_bn.run(context("fused", load_data=digits_data), {"input": as_input(outlier_model, folder)}, fuse_conv_bn.Params()).product.load()
     path = exported(fused, folder, data, simplify=True).path
-    convs = [layer for layer in quantize_onnx.graph_nodes(path) if layer.op_type == "Conv"]
+    convs = [layer for layer in graph_nodes(path) if layer.op_type == "Conv"]
     assert [layer.module_path for layer in convs] == ["features.0.0", "features.1.0", "features.3.0"]
