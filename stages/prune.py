@@ -32,7 +32,8 @@ from torch.nn.utils import prune
 
 from pipeline.errors import StageError, one_line
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
-from pipeline.torchkit.channels import ChannelCut, cut_channels, output_width
+from pipeline.torchkit.channel_cuts import ChannelCut, cut_channels
+from pipeline.torchkit.channels import output_width
 from pipeline.torchkit.complexity import count_macs, count_params, layer_sparsity, overall_sparsity, weighted_layers
 from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ModelHandle, save_like

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.torchkit import channels
+from pipeline.torchkit import channel_cuts, channels
 from pipeline.torchkit.complexity import count_macs
 from pipeline.torchkit.handles import save_torch_weights
 from pipeline.torchkit.model_io import ModelIO
@@ -77,13 +77,13 @@ def with_random_statistics(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def planned_cuts(model: nn.Module, amount: float, shape=(2, 1, 8, 8)) -> list[channels.ChannelCut]:
+def planned_cuts(model: nn.Module, amount: float, shape=(2, 1, 8, 8)) -> list[channel_cuts.ChannelCut]:
     """The cuts channel pruning makes on ``model`` (found on a copy: ``model`` is left whole)."""
-    cuts, _ = channels.cut_channels(copy.deepcopy(model), ModelIO.single(), {"input": torch.randn(*shape)}, amount, 1)
+    cuts, _ = channel_cuts.cut_channels(copy.deepcopy(model), ModelIO.single(), {"input": torch.randn(*shape)}, amount, 1)
     return cuts
 
 
-def deadened(model: nn.Module, cuts: list[channels.ChannelCut]) -> nn.Module:
+def deadened(model: nn.Module, cuts: list[channel_cuts.ChannelCut]) -> nn.Module:
     """A copy of ``model`` whose channels the ``cuts`` remove output exactly zero in every layer of their group:
     zero filters and biases in producers and depthwise convs, zero scale and shift in every BatchNorm."""
     dead = copy.deepcopy(model)
@@ -104,7 +104,7 @@ def test_removing_dead_residual_and_depthwise_channels_keeps_the_outputs(factory
     model = with_random_statistics(factory())
     dead = deadened(model, planned_cuts(model, 0.5))
     pruned = copy.deepcopy(dead)
-    cuts, _ = channels.cut_channels(pruned, ModelIO.single(), {"input": torch.randn(2, 1, 8, 8)}, 0.5, 1)
+    cuts, _ = channel_cuts.cut_channels(pruned, ModelIO.single(), {"input": torch.randn(2, 1, 8, 8)}, 0.5, 1)
     assert [cut.kept for cut in cuts] == [cut.kept for cut in planned_cuts(model, 0.5)]  # the dead channels go first
     for cut in cuts:  # every layer of a group shrank to the same channels
         assert {pruned.get_submodule(name).out_channels for name in cut.layers} == {len(cut.kept)}
@@ -150,7 +150,7 @@ def test_resnet18_prunes_all_20_convs_at_half_width():
     model = resnet18(num_classes=10).eval()
     example = {"input": torch.randn(1, 3, 64, 64)}
     macs_before = count_macs(model, ModelIO.single(), example)
-    cuts, skipped = channels.cut_channels(model, ModelIO.single(), example, 0.5, 1)
+    cuts, skipped = channel_cuts.cut_channels(model, ModelIO.single(), example, 0.5, 1)
     assert sum(len(cut.layers) for cut in cuts) == 20 and skipped == {"fc": OUTPUT_REASON}  # was 8 of 21
     assert len([cut for cut in cuts if len(cut.producers) > 1]) == 4  # one residual group per stage
     assert count_macs(model, ModelIO.single(), example) / macs_before < 0.27  # measured x0.266
@@ -172,7 +172,7 @@ def test_replaying_the_history_of_two_joint_prunings_rebuilds_the_architecture(c
     history = twice.meta["pruning"]
     assert any(len(cut["producers"]) > 1 for cut in history) and any(cut["depthwise"] for cut in history) == (factory is mobilenetish)
     weights = torch.load(twice.path, weights_only=True)
-    rebuilt = channels.replay_cuts(factory(), history)
+    rebuilt = channel_cuts.replay_cuts(factory(), history)
     assert {name: tensor.shape for name, tensor in rebuilt.state_dict().items()} == {name: tensor.shape for name, tensor in weights.items()}
     reloaded = twice.load()
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_replaying_the_history_of_two_joint_prunings_rebuilds_the_architecture(c
 def test_a_history_saved_before_joint_pruning_still_replays():
     old_cut = {"producer": "layers.0.conv1", "width_before": 16, "kept": [0, 3, 5], "batchnorms": ["layers.0.bn1"],
                "consumers": {"layers.0.conv2": 1}}  # one producer, no depthwise list
-    model = channels.replay_cuts(resnet_small(), [old_cut])
+    model = channel_cuts.replay_cuts(resnet_small(), [old_cut])
     assert model.layers[0].conv1.weight.shape == (3, 16, 3, 3) and model.layers[0].conv2.in_channels == 3
     assert model.layers[0].bn1.num_features == 3
 
@@ -206,7 +206,7 @@ class InputResidual(nn.Module):
 
 def test_the_input_s_channels_concatenations_and_model_outputs_keep_their_size():
     model = InputResidual().eval()
-    cuts, skipped = channels.cut_channels(model, ModelIO.single(), {"input": torch.randn(2, 1, 8, 8)}, 0.5, 1)
+    cuts, skipped = channel_cuts.cut_channels(model, ModelIO.single(), {"input": torch.randn(2, 1, 8, 8)}, 0.5, 1)
     assert [cut.producers for cut in cuts] == [("inner",)]
     assert skipped["back"] == "its channels meet the model's input 'x', which keeps its size"
     concatenated = "its channels are concatenated with other tensors in 'cat' (cat): concatenations are not pruned"

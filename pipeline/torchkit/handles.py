@@ -57,7 +57,7 @@ class TorchModel(ModelHandle):
         if self.meta.get("format") == "torchscript":
             return torch.jit.load(str(self.path), map_location="cpu").eval()
         if self.meta.get("format") == "state_dict":
-            from pipeline.torchkit.channels import replay_cuts
+            from pipeline.torchkit.channel_cuts import replay_cuts
 
             factory = resolve_callable(self.meta["factory"], "model.factory")
             module = replay_cuts(factory(**self.meta.get("kwargs", {})), self.meta.get("pruning", []))
