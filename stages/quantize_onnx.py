@@ -45,8 +45,8 @@ from pydantic import Field, model_validator
 
 from pipeline.errors import StageError, one_line
 from pipeline.progress import library_prints_discarded, track
-from pipeline.recipe.schema import FRACTION_FIGURES
 from pipeline.records.sensitivity import FallbackRecord
+from pipeline.review.units import format_figure
 from pipeline.run.contract import StageContext, StageOutput, StageParams, declare_stage, only_input
 from pipeline.torchkit.evaluate import predict_all
 from pipeline.torchkit.handles import ONNX_FILE, ModelHandle, OnnxModel
@@ -296,11 +296,6 @@ def optimize_for_runtime(source: Path, target: Path) -> None:
         raise StageError(f"quantize_onnx: onnxruntime cannot load the quantized model ({one_line(error)[:400]}); {DEFAULT_ADVICE}") from error
 
 
-def shown(metric: str, value: float) -> str:
-    """A figure as people read it: a percentage for top-1-like fractions, else the number."""
-    return f"{value:.1%}" if metric in FRACTION_FIGURES else f"{value:.4g}"
-
-
 def compare_on_eval(ctx: StageContext, input_runner: OnnxRunner, path: Path, params: Params) -> dict[str, Any]:
     """The task's figures of both models on the eval split and how closely they agree; StageError past the floor.
 
@@ -328,7 +323,7 @@ def compare_on_eval(ctx: StageContext, input_runner: OnnxRunner, path: Path, par
         "eval_samples": comparison["samples"],
     }
     metric = figures["metric"]
-    change = f"{metric} {shown(metric, figures['value_input'])} -> {shown(metric, figures['value_quantized'])}"
+    change = f"{metric} {format_figure(metric, figures['value_input'])} -> {format_figure(metric, figures['value_quantized'])}"
     advice = ("try calibrate_method: percentile, " if params.mode == "static" else "try mode: static, ") + (
         "more calibration_batches, or keep sensitive nodes in FP32 with nodes_to_exclude or fallback: auto")
     if figures["agreement"] is not None and not figures["agreement"] >= params.min_agreement:
