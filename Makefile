@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: on these machines 2.13.0 is a local CPU wheel; unpinned pulls CUDA.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,openvino]' --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e '.[dev,openvino,cluster]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)

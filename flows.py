@@ -6,6 +6,10 @@ independent branches run concurrently, each stage shows as a task run in the Pre
 runner is a choice, not a rewrite. The run's variant metrics and summary are published as Prefect
 artifacts. ``nightly`` wraps ``optimize`` for scheduled runs: newest checkpoint in, regressions against
 the last good night out.
+
+Where the stages run is ``runner`` (``pipeline.recipe.runner``): threads of this process (Prefect's thread
+pool), worker processes of a local Dask cluster, or an existing Dask scheduler's workers, both through
+prefect-dask's ``DaskTaskRunner``; ``optimize_on(spec)`` is the flow bound to one of them.
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ from prefect.server.api.server import SubprocessASGIServer  # noqa: E402
 from prefect.settings import PREFECT_API_URL, get_current_settings  # noqa: E402
 from prefect.states import Cancelled as CancelledState  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
-from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from pipeline.errors import OptipipeError  # noqa: E402
 from pipeline.nightly.checkpoints import newest_checkpoint  # noqa: E402
 from pipeline.nightly.promotion import judge, latest_reference, record_night  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
+from pipeline.recipe.runner import RunnerSpec, choose_runner  # noqa: E402
 from pipeline.records.models import StageResult  # noqa: E402
-from pipeline.records.store import ArtifactStore  # noqa: E402
+from pipeline.records.store import open_store  # noqa: E402
 from pipeline.review.page import markdown_summary  # noqa: E402
 from pipeline.review.prefect_view import name_flow_run, nightly_run_name, optimize_run_name, stage_markdown, tag_flow_run, variant_table  # noqa: E402
 from pipeline.run.cancel import Cancelled as RunCancelled  # noqa: E402
@@ -48,6 +53,7 @@ from pipeline.run.record import new_run_id  # noqa: E402
 
 DEFAULT_STORE = "artifacts"
 MAX_CONCURRENT_STAGES = 4
+LOCAL_CLUSTER_ALLOWED_FAILURES = 1  # a stage whose worker died is retried once, on a fresh worker, then fails
 PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal the kernel sends a process when its parent dies
 
 
@@ -143,6 +149,34 @@ def submit_task(call: StageCall) -> TaskResult:
     return TaskResult(run_stage.submit(call.stage, call.as_dict()))
 
 
+def local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    """``distributed.LocalCluster`` settings for ``processes:N``: N single-threaded worker processes, each
+    given an equal share of the CPU cores for torch's own threads, no dashboard."""
+    cores_each = str(max(1, (os.cpu_count() or 1) // workers))
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "env": {"OMP_NUM_THREADS": cores_each, "MKL_NUM_THREADS": cores_each}}
+
+
+def task_runner_for(spec: RunnerSpec) -> TaskRunner:
+    """The Prefect task runner that runs stages where ``spec`` says."""
+    if spec.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=spec.workers)
+    try:
+        import dask
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise OptipipeError(f"runner {spec.describe()} needs prefect-dask and distributed: pip install 'optipipe[cluster]'") from None
+    if spec.kind == "dask":
+        return DaskTaskRunner(address=spec.address)
+    dask.config.set({"distributed.scheduler.allowed-failures": LOCAL_CLUSTER_ALLOWED_FAILURES})
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(spec.workers or 1))
+
+
+def optimize_on(spec: RunnerSpec) -> Any:
+    """The ``optimize`` flow with its stages run where ``spec`` says."""
+    return optimize.with_options(task_runner=task_runner_for(spec))
+
+
 def _artifact_key(record: dict[str, Any], suffix: str) -> str:
     """A Prefect artifact key (lowercase letters, digits, dashes) for this run's recipe."""
     recipe = re.sub(r"[^a-z0-9-]+", "-", record["recipe"]["name"].lower()).strip("-") or "recipe"
@@ -175,11 +209,16 @@ def optimize(
     store_root: str = DEFAULT_STORE,
     overrides: list[str] | None = None,
     run_id: str | None = None,
+    runner: str | None = None,
 ) -> Any:
-    """Run a recipe on a checkpoint; the flow run ends Failed when any stage failed or a variant was rejected."""
+    """Run a recipe on a checkpoint; the flow run ends Failed when any stage failed or a variant was rejected.
+
+    ``runner`` is recorded in the run record; the flow's task runner (``optimize_on``) is what places stages.
+    """
     plan = load_recipe(recipe_path, overrides)
     try:
-        record = run_plan(plan, ArtifactStore(store_root), Path(checkpoint_path), overrides=overrides, run_id=run_id, submit=submit_task)
+        record = run_plan(plan, open_store(store_root), Path(checkpoint_path), overrides=overrides, run_id=run_id,
+                          submit=submit_task, runner=runner)
     except OptipipeError as error:  # the run could not start (the checkpoint, the store): one line, no traceback
         return Failed(message=str(error), data=error)
     except RunCancelled:  # Ctrl-C: the stages stopped, the run record says cancelled; the flow ends likewise
@@ -203,15 +242,18 @@ def _nightly_markdown(record: dict[str, Any], choice: Any, verdict: dict[str, An
 
 
 @flow(name="nightly", flow_run_name=nightly_run_name, on_running=[tag_flow_run])
-def nightly(recipe_path: str, checkpoints: str, store_root: str = DEFAULT_STORE, overrides: list[str] | None = None) -> Any:
+def nightly(recipe_path: str, checkpoints: str, store_root: str = DEFAULT_STORE, overrides: list[str] | None = None,
+            runner: str | None = None) -> Any:
     """Optimize the newest complete checkpoint in ``checkpoints`` (a folder or glob); compare with the last good night.
+
+    The stages run where ``runner`` says (default: ``$OPTIPIPE_RUNNER``, then the recipe's ``runner:``).
 
     Ends Failed when the run failed or a variant regressed beyond the recipe's ``nightly.regression``
     limits, naming each regression; otherwise the run is promoted to the recipe's ``latest``.
     """
     logger = get_run_logger()
     plan = load_recipe(recipe_path, overrides)
-    store = ArtifactStore(store_root)
+    store = open_store(store_root)
     try:
         choice = newest_checkpoint(checkpoints)
     except OptipipeError as error:  # no complete checkpoint: the night fails with that one line, no traceback
@@ -221,8 +263,9 @@ def nightly(recipe_path: str, checkpoints: str, store_root: str = DEFAULT_STORE,
     logger.info("checkpoint %s: %s", choice.path, choice.reason)
     reference = latest_reference(store, plan.recipe.name)
     run_id = new_run_id()
-    optimize(recipe_path, str(choice.path), store_root, overrides, run_id, return_state=True)
-    if not store.run_path(run_id).is_file():
+    spec = choose_runner(runner, plan.recipe.runner, recipe_path)
+    optimize_on(spec)(recipe_path, str(choice.path), store_root, overrides, run_id, spec.describe(), return_state=True)
+    if not store.has_run(run_id):
         return Failed(message=f"nightly {plan.recipe.name}: the optimize run did not start (see its log)")
     record = store.read_run(run_id)
     if all(stage["state"] == "cached" for stage in record["stages"]):

@@ -35,6 +35,9 @@ from pipeline.cli.common import (
 )
 from pipeline.errors import OptipipeError, one_line
 from pipeline.progress import QUIET_ENV
+from pipeline.recipe.runner import RUNNER_ENV, RUNNER_FORMS
+
+RUNNER_HELP = f"where the stages run: {RUNNER_FORMS} (default ${RUNNER_ENV}, then the recipe's runner:, then threads)"
 
 GLOBAL_FLAGS = {"debug": "show tracebacks", "quiet": "no progress bars or live view",
                 "verbose": "show Prefect's own log lines (task and flow states, server start-up)"}
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", required=True, help="the training checkpoint to optimize")
     run.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
     run.add_argument("--json", action="store_true", help="print the run record as JSON, and nothing else on stdout")
+    run.add_argument("--runner", help=RUNNER_HELP)
     plan = add("plan", run_commands.command_plan, "show a recipe's stages as a tree: which are cached, which will run; "
                "with --checkpoint, check that it fits the model")
     plan.add_argument("recipe")
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("recipe")
     nightly.add_argument("--checkpoints", required=True, help="folder (or glob) the training job writes checkpoints to")
     nightly.add_argument("--set", action="append", metavar="STAGE.PARAM=VALUE", help="override a stage parameter")
+    nightly.add_argument("--runner", help=RUNNER_HELP)
     latest = add("latest", nightly_commands.command_latest, "print the model file of a variant of a recipe's newest good nightly run")
     latest.add_argument("recipe", help="recipe file or recipe name")
     latest.add_argument("--variant", required=False, default=None, help="stage name of the variant, e.g. onnx (default: the select stage's choice)")
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule (default UTC)")
     schedule.add_argument("--name", help="deployment name (default: the recipe's name)")
     schedule.add_argument("--work-pool", help="register for this work pool's workers instead of serving here")
+    schedule.add_argument("--runner", help=RUNNER_HELP)
     schedule.add_argument("--list", action="store_true", help="list the nightly deployments and their schedules")
     schedule.add_argument("--remove", metavar="NAME", help="delete the deployment nightly/NAME")
     schedule.add_argument("--json", action="store_true")

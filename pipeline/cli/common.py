@@ -50,9 +50,9 @@ def store_root(args: argparse.Namespace) -> str:
 
 def open_store(args: argparse.Namespace):
     """The artifact store the command works on."""
-    from pipeline.records.store import ArtifactStore
+    from pipeline.records.store import open_store
 
-    return ArtifactStore(store_root(args))
+    return open_store(store_root(args))
 
 
 def file_system_refusal(error: OSError) -> str | None:

@@ -35,7 +35,7 @@ def live_view_wanted(args: argparse.Namespace) -> bool:
 
 def ended_stages(store: Any, run_id: str) -> dict[str, dict[str, Any]]:
     """The stages of run ``run_id`` that have a result so far, by name (none before its record exists)."""
-    if not store.run_path(run_id).is_file():
+    if not store.has_run(run_id):
         return {}
     try:
         return {stage["name"]: stage for stage in store.read_run(run_id)["stages"]}

@@ -36,17 +36,19 @@ def command_nightly(args: argparse.Namespace) -> int:
     """optipipe nightly RECIPE --checkpoints DIR: one night by hand, as the schedule would run it."""
     from pipeline.nightly.checkpoints import checkpoint_candidates
     from pipeline.recipe import load_recipe
-    from pipeline.records.store import ArtifactStore
+    from pipeline.recipe.runner import choose_runner
+    from pipeline.records.store import open_store
     from pipeline.run.cancel import interrupt_stops_runs
 
-    load_recipe(args.recipe, args.set or [])
+    plan = load_recipe(args.recipe, args.set or [])
+    choose_runner(args.runner, plan.recipe.runner, args.recipe)  # a bad runner setting: one line, before Prefect starts
     checkpoint_candidates(args.checkpoints)  # no Prefect start-up for an empty or missing folder
-    ArtifactStore(store_root(args)).ensure_writable()
+    open_store(store_root(args)).ensure_writable()
     from flows import nightly, start_temporary_server
 
     start_temporary_server()
     with interrupt_stops_runs():
-        state = nightly(args.recipe, args.checkpoints, store_root(args), args.set or [], return_state=True)
+        state = nightly(args.recipe, args.checkpoints, store_root(args), args.set or [], args.runner, return_state=True)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, OptipipeError):
         raise outcome
@@ -87,12 +89,16 @@ def command_schedule(args: argparse.Namespace) -> int:
         raise OptipipeError(f"--checkpoints '{args.checkpoints}' is not a folder (nor a glob such as 'runs/*.pt'); "
                             "give the folder your training job writes checkpoints to")
     from pipeline.recipe import load_recipe
+    from pipeline.recipe.runner import choose_runner
 
     recipe = load_recipe(args.recipe, [])
+    if args.runner:
+        choose_runner(args.runner, None)  # refused here, not at 02:00
     schedule.check_cron(args.cron, args.timezone)
+    store = store_root(args)
     spec = schedule.NightlySchedule(
         name=args.name or recipe.recipe.name, recipe=str(Path(args.recipe).resolve()), checkpoints=str(Path(args.checkpoints).resolve()),
-        store=str(Path(store_root(args)).resolve()), cron=args.cron, timezone=args.timezone,
+        store=store if "://" in store else str(Path(store).resolve()), cron=args.cron, timezone=args.timezone, runner=args.runner,
     )
     if args.work_pool:
         deployment_id = schedule.register(spec, args.work_pool)

@@ -15,39 +15,44 @@ from pipeline.errors import OptipipeError
 STATE_LABELS = {True: "[cyan]cached[/]", False: "[yellow]will run[/]"}
 
 
-def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides: list[str], live: bool = False) -> dict[str, Any]:
-    """Check inputs fast (no Prefect start-up for a typo), run the ``optimize`` flow, return the run record.
+def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides: list[str], live: bool = False,
+             runner: str | None = None) -> dict[str, Any]:
+    """Check inputs fast (no Prefect start-up for a typo), run the ``optimize`` flow where ``runner`` (or
+    ``$OPTIPIPE_RUNNER``, or the recipe) says, and return the run record.
 
     While the flow runs, Ctrl-C cancels the run (``pipeline.run.cancel``): the record comes back ``cancelled``;
     with ``live``, a table of its stages shows on the terminal meanwhile (``pipeline.cli.live``).
     """
     from pipeline.recipe import load_recipe
-    from pipeline.records.store import ArtifactStore
+    from pipeline.recipe.runner import choose_runner
+    from pipeline.records.store import open_store
     from pipeline.run.cancel import interrupt_stops_runs
     from pipeline.run.engine import check_checkpoint_file
     from pipeline.run.record import new_run_id
 
     plan = load_recipe(recipe_path, overrides)
     check_checkpoint_file(Path(checkpoint_path))
-    store = ArtifactStore(store_root)
+    spec = choose_runner(runner, plan.recipe.runner, recipe_path)
+    store = open_store(store_root)
     store.ensure_writable()
-    from flows import optimize, start_temporary_server
+    from flows import optimize_on, start_temporary_server
 
     start_temporary_server()
     run_id = new_run_id()
     with interrupt_stops_runs(), (live_run_view(plan, store, run_id) if live else nullcontext()):
         # absolute paths: a retry from the Prefect UI must not depend on the working directory it runs in
-        state = optimize(*(str(Path(path).resolve()) for path in (recipe_path, checkpoint_path, store_root)), overrides, run_id,
-                         return_state=True)
-    if not store.run_path(run_id).is_file():  # the flow failed before the run started
+        location = store.location if "://" in store.location else str(Path(store.location).resolve())
+        state = optimize_on(spec)(str(Path(recipe_path).resolve()), str(Path(checkpoint_path).resolve()), location, overrides,
+                                  run_id, spec.describe(), return_state=True)
+    if not store.has_run(run_id):  # the flow failed before the run started
         outcome = state.result(raise_on_failure=False)
         raise outcome if isinstance(outcome, BaseException) else OptipipeError(state.message or "run failed")
     return store.read_run(run_id)
 
 
 def command_run(args: argparse.Namespace) -> int:
-    """optipipe run RECIPE --checkpoint CKPT [--json]"""
-    record = run_flow(args.recipe, args.checkpoint, store_root(args), args.set or [], live=live_view_wanted(args))
+    """optipipe run RECIPE --checkpoint CKPT [--runner R] [--json]"""
+    record = run_flow(args.recipe, args.checkpoint, store_root(args), args.set or [], live=live_view_wanted(args), runner=args.runner)
     if record["state"] == "cancelled":
         print(f"run {record['run_id']} cancelled: {record['message']}", file=sys.stderr)
         return EXIT_INTERRUPTED

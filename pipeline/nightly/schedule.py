@@ -33,10 +33,13 @@ class NightlySchedule:
     store: str
     cron: str
     timezone: str
+    runner: str | None = None
 
     def parameters(self) -> dict[str, Any]:
-        """The ``nightly`` flow's parameters every scheduled run gets."""
-        return {"recipe_path": self.recipe, "checkpoints": self.checkpoints, "store_root": self.store}
+        """The ``nightly`` flow's parameters every scheduled run gets (``runner`` only when one was given, so a
+        worker's ``$OPTIPIPE_RUNNER`` or the recipe's ``runner:`` decides otherwise)."""
+        runner = {"runner": self.runner} if self.runner else {}
+        return {"recipe_path": self.recipe, "checkpoints": self.checkpoints, "store_root": self.store, **runner}
 
 
 def api_url() -> str:

@@ -150,7 +150,11 @@ def _pydantic_errors(path: Path, lines: LineMap, error: ValidationError, prefix:
         message = f"unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), fields)}"
     elif first["type"] == "missing":
         message = f"required key '{loc[-1]}' is missing"
-    elif "input" in first and first["type"] not in {"missing"}:
+    elif first["type"] == "value_error":  # a validator's own sentence; a whole section as "got" would drown it
+        message = message.removeprefix("Value error, ")
+        if not isinstance(first.get("input"), (dict, list)) and repr(first.get("input")) not in message:
+            message = f"{message} (got {first['input']!r})"
+    elif "input" in first:
         message = f"{message} (got {first['input']!r})"
     more = len(error.errors()) - 1
     suffix = f" [and {more} more problem{'s' * (more > 1)}]" if more else ""

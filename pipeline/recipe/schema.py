@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.errors import RecipeError
+from pipeline.recipe.runner import DEFAULT_THREADS, RUNNER_ENV, RUNNER_FORMS, parse_runner
 
 STAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
@@ -267,6 +270,21 @@ class Recipe(StrictModel):
     search: SearchSpec | None = Field(
         default=None, description="bounds on how many combinations of the stages' matrices a run tries"
     )
+    runner: str | None = Field(
+        default=None, description=f"where the stages run: {RUNNER_FORMS} (default threads:{DEFAULT_THREADS}); "
+        f"--runner and ${RUNNER_ENV} override it; never part of a cache key",
+    )
+
+    @field_validator("runner")
+    @classmethod
+    def runner_is_known(cls, value: str | None) -> str | None:
+        """A runner setting must parse (``pipeline.recipe.runner``)."""
+        if value is not None:
+            try:
+                parse_runner(value, "runner")
+            except RecipeError as error:
+                raise ValueError(str(error).removeprefix("runner: ")) from None
+        return value
 
     @model_validator(mode="after")
     def metric_fits_task(self) -> "Recipe":

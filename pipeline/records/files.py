@@ -25,6 +25,11 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def folder_digest(file_digests: dict[str, str]) -> str:
+    """The digest of a checkpoint folder: sha256 of the canonical JSON of its sorted ``[file name, file sha256]`` pairs."""
+    return sha256_text(canonical_json(sorted([name, sha256] for name, sha256 in file_digests.items())))
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

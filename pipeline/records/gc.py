@@ -213,7 +213,12 @@ def collect(store: ArtifactStore, keep: int, grace_seconds: float = DEFAULT_GRAC
     """Remove what no kept, running, leased or damaged run may need; with ``dry_run`` only say what that would be.
 
     Refuses with ``StoreError`` (removing nothing) when a folder it walks is a symbolic link or the store is read-only.
+    An ``ObjectStore`` is collected by ``pipeline.records.object_gc``.
     """
+    if store.location != str(store.root):  # an object store (its root is only a local cache): gc its remote side
+        from pipeline.records.object_gc import collect_remote
+
+        return collect_remote(store, keep, grace_seconds, dry_run)
     report = GcReport(dry_run=dry_run)
     _refuse_linked_folders(store)
     if not dry_run:

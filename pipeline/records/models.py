@@ -38,6 +38,7 @@ class StageResult(Record):
         default=None, description="input: a deliberate one-line error about the user's input; internal: a bug (see log)"
     )
     log: str | None = Field(default=None, description="file holding the traceback of an internal error")
+    worker: str | None = Field(default=None, description="where the stage ran: a Dask worker's address, else host:pid")
 
 
 class RecipeRef(Record):
@@ -64,6 +65,7 @@ class RunRecord(Record):
     baseline: str | None = None
     dag: dict[str, list[str]] = Field(default_factory=dict, description="stage -> the stages it needs")
     store: str | None = None
+    runner: str | None = Field(default=None, description="where the stages ran: threads:N, processes:N or dask://HOST:PORT")
     state: RunState
     started_at: str
     finished_at: str | None = None
@@ -99,3 +101,4 @@ class Manifest(Record):
     cache_payload: dict[str, Any]
     run_id: str
     created_at: str
+    worker: str | None = Field(default=None, description="where the stage that made the artifact ran (a Dask worker's address, else host:pid)")

@@ -130,6 +130,34 @@ class ArtifactStore:
         self.leases_dir = self.root / LEASES_DIR
         self.checkpoints_dir = self.root / CHECKPOINTS_DIR  # snapshots of the checkpoints runs read, by sha256
 
+    @property
+    def location(self) -> str:
+        """What a worker passes to ``open_store`` to reach this store: the root folder here, a URL for an object store."""
+        return str(self.root)
+
+    def share_checkpoint(self, snapshot: Path) -> str:
+        """Make a checkpoint snapshot (under ``checkpoints_dir``) reachable by every worker of the store; returns
+        its path relative to the store root, which is what a ``StageCall`` carries."""
+        return snapshot.relative_to(self.root).as_posix()
+
+    def checkpoint_file(self, relative: str) -> Path:
+        """The local path of the snapshot ``share_checkpoint`` named ``relative`` (an absolute path, which only a
+        local store accepts, is taken as it is); ``StoreError`` for a relative name outside ``checkpoints/``."""
+        path = Path(relative)
+        if path.is_absolute():
+            return path
+        if len(path.parts) < 3 or path.parts[0] != CHECKPOINTS_DIR or ".." in path.parts:
+            raise StoreError(f"checkpoint snapshot '{relative}' is not a path inside {self.checkpoints_dir}")
+        return self.root / path
+
+    def keep_log(self, path: Path) -> str:
+        """Keep a stage's traceback log (written under ``runs_dir``) where users of the store find it; its address."""
+        return str(path)
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether the store holds a record of ``run_id``."""
+        return self.run_path(run_id).is_file()
+
     def refuse_links(self, path: Path) -> None:
         """Raise ``StoreError`` when ``path`` or a folder between it and the store root is a symbolic link."""
         for part in [path, *path.parents]:
@@ -257,6 +285,10 @@ class ArtifactStore:
         If another process published the same key first, its artifact wins and ours is discarded:
         both are built from identical inputs.
         """
+        return self.place(key, workdir, self.seal(key, workdir, model_file, manifest))
+
+    def seal(self, key: str, workdir: Path, model_file: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Digest the work folder's files, write its ``manifest.json`` and give it its published modes; the full manifest."""
         files = {
             path.name: sha256_file(path)
             for path in sorted(workdir.iterdir())
@@ -269,6 +301,10 @@ class ArtifactStore:
         ).model_dump(mode="json")
         write_json_atomic(workdir / MANIFEST_FILE, full_manifest)
         make_published(workdir)  # before the rename: an artifact is never seen with its work-folder modes
+        return full_manifest
+
+    def place(self, key: str, workdir: Path, full_manifest: dict[str, Any]) -> Artifact:
+        """Rename a sealed work folder into ``artifacts/<key>``; when one is there already, it wins and ours is discarded."""
         target = self.artifact_path(key)
         self.refuse_links(target)
         self.lease(key)  # until the run's record names it, only the lease keeps gc away
@@ -352,3 +388,16 @@ class ArtifactStore:
         if not matches and not damaged_matches:
             raise StoreError(f"no run matches '{reference}' in store {self.root}; 'optipipe runs' lists them")
         raise StoreError(ambiguous_matches(reference, matches, damaged_matches))
+
+
+def open_store(root: Path | str) -> ArtifactStore:
+    """The store at ``root``: a folder (also as ``file://PATH``), or an object-store URL (``s3://bucket/prefix``,
+    ``gs://…``) reached through fsspec (``pipeline.records.object_store``)."""
+    scheme, separator, rest = str(root).partition("://")
+    if not separator:
+        return ArtifactStore(root)
+    if scheme == "file":
+        return ArtifactStore(rest)
+    from pipeline.records.object_store import ObjectStore
+
+    return ObjectStore(str(root))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pipeline.errors import CheckpointError
-from pipeline.records.files import PUBLISHED_FILE_MODE, canonical_json, make_published, sha256_file, sha256_text, umasked
+from pipeline.records.files import PUBLISHED_FILE_MODE, folder_digest, make_published, sha256_file, umasked
 from pipeline.records.store import ArtifactStore
 
 BLOCK_BYTES = 1 << 20
@@ -94,11 +94,6 @@ def copy_to_temporary(store: ArtifactStore, checkpoint_path: Path) -> tuple[Path
         return copy_descriptor(source, store.tmp_dir, checkpoint_path)
     finally:
         os.close(source)
-
-
-def folder_digest(file_digests: dict[str, str]) -> str:
-    """The digest of a checkpoint folder: sha256 of the canonical JSON of its sorted ``[file name, file sha256]`` pairs."""
-    return sha256_text(canonical_json(sorted([name, sha256] for name, sha256 in file_digests.items())))
 
 
 def folder_entries(folder: Path, descriptor: int) -> list[str]:

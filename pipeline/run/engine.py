@@ -27,7 +27,7 @@ from pipeline.hf import check_pretrained_folder
 from pipeline.recipe.matrix import format_label
 from pipeline.recipe.plan import Plan
 from pipeline.records.models import StageResult
-from pipeline.records.store import ArtifactStore
+from pipeline.records.store import ArtifactStore, open_store
 from pipeline.run.cancel import Cancelled, raise_if_cancelled
 from pipeline.run.checkpoint_snapshot import not_a_regular_file, snapshot_checkpoint
 from pipeline.run.executor import StageCall, execute, log_internal_error
@@ -159,7 +159,7 @@ class PlanRun:
 
 
 def run_plan(plan: Plan, store: ArtifactStore, checkpoint_path: Path | str, *, overrides: list[str] | None = None,
-             run_id: str | None = None, submit: Submit | None = None) -> dict[str, Any]:
+             run_id: str | None = None, submit: Submit | None = None, runner: str | None = None) -> dict[str, Any]:
     """Run every stage of ``plan`` on the checkpoint, by the rules above; returns the closed run record.
 
     The checkpoint is read once, into the store's snapshot of it (``pipeline.run.checkpoint_snapshot``):
@@ -167,22 +167,24 @@ def run_plan(plan: Plan, store: ArtifactStore, checkpoint_path: Path | str, *, o
     to the user's file meanwhile; the run record names the user's path. Ctrl-C marks the run
     ``cancelled`` (its finished artifacts stay; a re-run resumes from the cache) and is raised again:
     a KeyboardInterrupt at once, or, under ``pipeline.run.cancel.interrupt_stops_runs``, ``Cancelled``
-    once the running stages have stopped at their next step.
+    once the running stages have stopped at their next step. ``runner`` names where ``submit`` runs the
+    stages, for the run record only.
     """
     checkpoint_path = Path(checkpoint_path)
     check_checkpoint_file(checkpoint_path)
     run_id = run_id or new_run_id()
     try:
         snapshot_path, checkpoint_sha256 = snapshot_checkpoint(store, checkpoint_path)
-        recorder = RunRecorder(plan, store, str(checkpoint_path), checkpoint_sha256, run_id)
+        shared_snapshot = store.share_checkpoint(snapshot_path)
+        recorder = RunRecorder(plan, store, str(checkpoint_path), checkpoint_sha256, run_id, runner)
         recorder.start()
     except OSError as error:  # a full disk or a store turned read-only before the run could start
         raise StoreError(
-            f"store {store.root}: the run could not start ({error.strerror or error}); "
+            f"store {store.location}: the run could not start ({error.strerror or error}); "
             "free some space (optipipe gc) or pass --store on a writable disk"
         ) from error
     template = StageCall(recipe_path=str(plan.path), overrides=tuple(overrides or ()), recipe_digest=plan.digest,
-                         store_root=str(store.root), checkpoint_path=str(snapshot_path),
+                         store_root=store.location, checkpoint_path=shared_snapshot,
                          checkpoint_sha256=checkpoint_sha256, run_id=run_id, stage="")
     closer = None
     if submit is None:
@@ -205,8 +207,9 @@ def wait_for_result(pending: Pending, call: StageCall, uses: str, ended: queue.Q
     try:
         result = pending.result()
     except Exception as error:  # the task runner itself failed (a worker died): the run goes on without the stage
-        log_path = log_internal_error(ArtifactStore(call.store_root), call, error)
-        result = StageResult(name=call.stage, uses=uses, state="failed", error="internal", log=str(log_path),
+        store = open_store(call.store_root)
+        log_path = store.keep_log(log_internal_error(store, call, error))
+        result = StageResult(name=call.stage, uses=uses, state="failed", error="internal", log=log_path,
                              reason=f"stage '{call.stage}' was lost by the task runner: {one_line(error)}; traceback in {log_path}")
     ended.put(result)
 

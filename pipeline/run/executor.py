@@ -27,11 +27,11 @@ from typing import Any
 from pipeline.errors import OptipipeError, RecipeError, StageError, StageUnavailable, one_line
 from pipeline.recipe.plan import Plan, load_recipe
 from pipeline.records.models import StageResult
-from pipeline.records.store import Artifact, ArtifactStore
+from pipeline.records.store import Artifact, ArtifactStore, open_store
 from pipeline.run.cancel import Cancelled, raise_if_cancelled
 from pipeline.run.contract import StageContext, StageOutput
 from pipeline.run.identity import RunIdentity, cache_key, cache_payload, data_identity
-from pipeline.run.measure import PeakRSS
+from pipeline.run.measure import PeakRSS, worker_address
 from pipeline.run.registry import declaration
 
 # Graph capture in torch is process-global: torch.fx.symbolic_trace patches nn.Module.__call__ for every
@@ -188,21 +188,21 @@ def log_internal_error(store: ArtifactStore, call: StageCall, error: BaseExcepti
 
 def failure_result(store: ArtifactStore, call: StageCall, uses: str, key: str | None, seconds: float, error: Exception) -> StageResult:
     """The failed StageResult for ``error``: one line for a deliberate error, a logged traceback for a bug."""
-    failed = {"name": call.stage, "uses": uses, "state": "failed", "seconds": round(seconds, 4), "key": key}
+    failed = {"name": call.stage, "uses": uses, "state": "failed", "seconds": round(seconds, 4), "key": key, "worker": worker_address()}
     if isinstance(error, OptipipeError):
         return StageResult(**failed, reason=str(error), error="input")
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return StageResult(**failed, error="input", reason=(
             f"stage '{call.stage}' ({uses}): no space left on the device holding the store {store.root}; "
             "free some space (optipipe gc) or pass --store on a larger disk"))
-    log_path = log_internal_error(store, call, error)
-    return StageResult(**failed, error="internal", log=str(log_path), reason=(
+    log_path = store.keep_log(log_internal_error(store, call, error))
+    return StageResult(**failed, error="internal", log=log_path, reason=(
         f"stage '{call.stage}' ({uses}) failed with an internal error, {one_line(error)}; traceback in {log_path}"))
 
 
 def execute(call: StageCall) -> StageResult:
     """Run stage ``call.stage`` on its upstream artifacts, or reuse its cached artifact; never raises for a failure."""
-    store = ArtifactStore(call.store_root)
+    store = open_store(call.store_root)
     uses, key, started = call.stage, None, time.perf_counter()
     try:
         raise_if_cancelled()
@@ -217,7 +217,7 @@ def execute(call: StageCall) -> StageResult:
         cached = store.find(key)
         if cached is not None:
             return StageResult(name=call.stage, uses=uses, state="cached", key=key, artifact=str(cached.path),
-                               metrics=cached.manifest["metrics"])
+                               metrics=cached.manifest["metrics"], worker=worker_address())
         return run_and_publish(call, plan, store, upstream, baseline, payload, key)
     except StageUnavailable as unavailable:
         return StageResult(name=call.stage, uses=uses, state="skipped", reason=str(unavailable))
@@ -236,7 +236,7 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
     workdir = store.new_workdir(call.stage)
     try:
         context = StageContext(
-            name=call.stage, workdir=workdir, recipe=plan.recipe, checkpoint_path=Path(call.checkpoint_path),
+            name=call.stage, workdir=workdir, recipe=plan.recipe, checkpoint_path=store.checkpoint_file(call.checkpoint_path),
             load_data=lambda: data_of(plan, call.run_id), baseline=handle_of(store, baseline) if baseline else None,
             baseline_name=plan.baseline,
         )
@@ -256,13 +256,14 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
             "params": params.model_dump(mode="json"), "inputs": [artifact.key for artifact in upstream.values()],
             "metrics": output.metrics, "seconds": round(seconds, 4), "waited_seconds": round(waited[0], 4),
             "peak_rss_bytes": memory.peak_bytes, "versions": payload["versions"], "cache_payload": payload,
-            "run_id": call.run_id, "created_at": utc_now(),
+            "run_id": call.run_id, "created_at": utc_now(), "worker": worker_address(),
         })
     except BaseException:
         store.discard(workdir)
         raise
     return StageResult(name=call.stage, uses=uses, state="done", seconds=round(seconds, 4), key=key,
-                       artifact=str(artifact.path), metrics=output.metrics, waited_seconds=round(waited[0], 4))
+                       artifact=str(artifact.path), metrics=output.metrics, waited_seconds=round(waited[0], 4),
+                       worker=worker_address())
 
 
 def cached_artifacts(plan: Plan, store: ArtifactStore, checkpoint_sha256: str) -> dict[str, Artifact | None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import socket
+import sys
 import threading
 from importlib import metadata
 
@@ -83,3 +85,14 @@ def load_average() -> list[float] | None:
         return [round(value, 2) for value in os.getloadavg()]
     except OSError:
         return None
+
+
+def worker_address() -> str:
+    """Where the calling stage runs: its Dask worker's address inside a Dask worker, else ``host:pid``."""
+    distributed = sys.modules.get("distributed")
+    if distributed is not None:
+        try:
+            return distributed.get_worker().address
+        except ValueError:  # distributed is imported, but this is not one of its workers
+            pass
+    return f"{socket.gethostname()}:{os.getpid()}"

@@ -29,7 +29,8 @@ def new_run_id() -> str:
 class RunRecorder:
     """Keeps ``<store>/runs/<run_id>.json`` current: every stage result as it arrives, the run's final state."""
 
-    def __init__(self, plan: Plan, store: ArtifactStore, checkpoint_path: str, checkpoint_sha256: str, run_id: str):
+    def __init__(self, plan: Plan, store: ArtifactStore, checkpoint_path: str, checkpoint_sha256: str, run_id: str,
+                 runner: str | None = None):
         self.plan = plan
         self.store = store
         self.results: dict[str, StageResult] = {}
@@ -41,7 +42,7 @@ class RunRecorder:
             checkpoint=CheckpointRef(path=checkpoint_path, sha256=checkpoint_sha256),
             baseline=plan.baseline,
             dag={name: plan.needs_of(name) for name in plan.order},
-            store=str(store.root), state="running", started_at=utc_now(), host=socket.gethostname(), pid=os.getpid(),
+            store=store.location, runner=runner, state="running", started_at=utc_now(), host=socket.gethostname(), pid=os.getpid(),
         )
 
     def start(self) -> None:
