@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from tests.s3_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DASK = str(Path(sys.executable).parent / "dask")
 STARTUP_SECONDS = 120
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -64,9 +58,11 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 
 
 @contextmanager
-def loopback_cluster(logs: Path, workers: int = 2, env: dict[str, str] | None = None) -> Iterator[LoopbackCluster]:
+def loopback_cluster(logs: Path, workers: int = 2, env: dict[str, str] | None = None,
+                     worker_env: Callable[[int], dict[str, str]] | None = None) -> Iterator[LoopbackCluster]:
     """Start a scheduler and ``workers`` single-threaded workers without nannies (a killed worker stays dead, so
-    its stage must move to another), wait until all have joined, yield the cluster, then stop every process."""
+    its stage must move to another), wait until all have joined, yield the cluster, then stop every process.
+    ``env`` is added to every process's environment, ``worker_env(index)`` to worker ``index``'s."""
     from distributed import Client
 
     logs.mkdir(parents=True, exist_ok=True)
@@ -80,7 +76,7 @@ def loopback_cluster(logs: Path, workers: int = 2, env: dict[str, str] | None = 
         for index in range(workers):
             name = f"worker-{index}"
             process = _start([DASK, "worker", address, "--name", name, "--nthreads", "1", "--no-nanny", "--no-dashboard",
-                              "--host", "127.0.0.1"], logs / f"{name}.log", environment)
+                              "--host", "127.0.0.1"], logs / f"{name}.log", {**environment, **(worker_env(index) if worker_env else {})})
             cluster.processes.append(process)
             cluster.workers[name] = (process, "")
         with Client(address, timeout=STARTUP_SECONDS) as client:

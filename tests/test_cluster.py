@@ -16,6 +16,7 @@ from pipeline.cli.run import run_flow
 from pipeline.records.store import open_store
 from tests.conftest import run_without_prefect
 from tests.dask_cluster import loopback_cluster
+from tests.s3_server import moto_s3_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -57,17 +58,32 @@ def states(record: dict) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A scheduler and two workers, separate OS processes on 127.0.0.1; all of them gone after the module."""
-    with loopback_cluster(tmp_path_factory.mktemp("dask-logs")) as running:
+def s3(tmp_path_factory):
+    """A moto S3 server process on loopback; this process reaches it through the environment, with its own cache."""
+    with moto_s3_server() as server, pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env.items():
+            patch.setenv(name, value)
+        patch.setenv("OPTIPIPE_CACHE", str(tmp_path_factory.mktemp("driver-cache")))
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3):
+    """A scheduler and two workers, separate OS processes on 127.0.0.1, each worker with its own store cache (they
+    share only the store URL); all of them gone after the module."""
+    caches = tmp_path_factory.mktemp("worker-caches")
+    with loopback_cluster(tmp_path_factory.mktemp("dask-logs"), env=s3.env,
+                          worker_env=lambda index: {"OPTIPIPE_CACHE": str(caches / f"worker-{index}")}) as running:
         yield running
     assert not running.alive(), "a cluster process outlived the test"
 
 
-def test_a_run_on_a_real_cluster_uses_both_workers_and_makes_the_bytes_a_local_run_makes(cluster, demo_checkpoint, tmp_path):
+def test_a_run_on_a_real_cluster_and_an_s3_store_uses_both_workers_and_makes_the_bytes_a_local_run_makes(
+        cluster, s3, demo_checkpoint, tmp_path):
     recipe = branches_recipe(tmp_path)
     local = run_without_prefect(recipe, demo_checkpoint, tmp_path / "local-store")
-    remote = run_flow(str(recipe), str(demo_checkpoint), str(tmp_path / "cluster-store"), [], runner=cluster.runner())
+    store_url = s3.make_bucket("cluster-run") + "/optipipe"
+    remote = run_flow(str(recipe), str(demo_checkpoint), store_url, [], runner=cluster.runner())
 
     assert remote["state"] == "succeeded", remote["message"]
     assert remote["runner"] == cluster.runner()
@@ -77,6 +93,7 @@ def test_a_run_on_a_real_cluster_uses_both_workers_and_makes_the_bytes_a_local_r
     for stage in remote["stages"]:
         manifest = open_store(remote["store"]).read(stage["key"]).manifest
         assert manifest["worker"] == stage["worker"]
+    assert remote["store"] == store_url
     assert model_files(remote) == model_files(local) and len(model_files(local)) == 6
 
 

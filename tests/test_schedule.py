@@ -131,11 +131,12 @@ def test_schedule_serves_a_cron_deployment_that_runs_a_night(prefect_server_proc
                           env=env, capture_output=True, text=True, timeout=60)
     assert pool.returncode == 0, pool.stderr
     registered = optipipe(env, "schedule", str(NIGHTLY_RECIPE), "--checkpoints", str(checkpoints), "--cron", "30 1 * * 1-5",
-                          "--name", "team", "--work-pool", "optipipe-test", "--store", str(store))
+                          "--name", "team", "--work-pool", "optipipe-test", "--store", str(store), "--runner", "dask://10.0.0.5:8786")
     assert registered.returncode == 0, registered.stderr
     assert "prefect worker start --pool optipipe-test" in " ".join(registered.stdout.split())
     listed = json.loads(optipipe(env, "schedule", "--list", "--json").stdout)
     assert [(item["name"], item["work_pool"], item["schedules"][0]["cron"]) for item in listed] == [("team", "optipipe-test", "30 1 * * 1-5")]
+    assert listed[0]["parameters"]["runner"] == "dask://10.0.0.5:8786"  # the pool's nights place stages on that cluster
 
 
 def test_schedule_without_a_server_says_how_to_start_one(monkeypatch, capsys):
