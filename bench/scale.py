@@ -9,7 +9,10 @@ store: the first run does the work (wall time, each stage's recorded seconds), t
 from the cache, so a stage's wall time there, from submit to result as the driver sees it, is what dispatching
 one stage costs on that runner. Runners: ``threads:4`` (the default), ``processes:1`` (one worker process: each
 stage measured alone, the reference for recorded seconds), ``processes:N`` (a local Dask cluster, N = the CPU
-count), and Prefect's own ``ProcessPoolTaskRunner`` with N processes, the alternative to a local Dask cluster.
+count, started for the run as ``--runner processes:N`` does), ``dask-warm:N`` (the same N workers as a long-lived
+cluster reached by address, as ``--runner dask://HOST:PORT`` reaches a team's: warmed by one run of the recipe
+into another store first, so its workers have imported torch and built the data once), and Prefect's own
+``ProcessPoolTaskRunner`` with N processes, the alternative to a local Dask cluster.
 Printed: wall time and speed-ups, dispatch overhead per stage (median and p90 ms), each stage kind's recorded
 seconds against the same stages measured alone, and the machine's load before and after each run.
 """
@@ -17,6 +20,7 @@ seconds against the same stages measured alone, and the machine's load before an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +29,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 from rich.console import Console
@@ -57,7 +61,8 @@ def scale_recipe(epochs: int) -> dict[str, Any]:
             "slim": {"uses": "strip_optimizer", "needs": ["load"]},
             "fused": {"uses": "fuse_conv_bn", "needs": ["slim"]},
             "pruned": {"uses": "prune", "needs": ["fused"], "with": {"method": "channels", "norm": 1}, "matrix": {"amount": AMOUNTS}},
-            "distilled": {"uses": "distill", "needs": ["pruned"], "with": {"epochs": epochs, "lr": 0.002, "temperature": 4.0, "alpha": 0.9}},
+            "distilled": {"uses": "distill", "needs": ["pruned"],
+                          "with": {"epochs": epochs, "lr": 0.002, "temperature": 4.0, "alpha": 0.9}},
             "onnx": {"uses": "export_onnx", "needs": ["fused"]},
             "int8": {"uses": "quantize_onnx", "needs": ["onnx"], "with": {"mode": "static", "calibration_batches": 8},
                      "matrix": INT8_MATRIX},
@@ -109,13 +114,33 @@ def run_once(recipe: Path, checkpoint: Path, store: Path, runner: Any, label: st
     return record, timed.seconds, wall
 
 
+@contextlib.contextmanager
+def runner_factory(name: str, workers: int, recipe: Path, checkpoint: Path, workdir: Path) -> Iterator[Callable[[], Any]]:
+    """Makes the row's task runner; for ``dask-warm`` a long-lived local cluster, warmed with one run, is its target."""
+    if not name.startswith("dask-warm"):
+        yield lambda: task_runner(name, workers)
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(**flows.local_cluster_kwargs(workers)) as cluster:
+        address = cluster.scheduler_address.replace("tcp://", "dask://")
+
+        def make() -> Any:
+            return task_runner(address, workers)
+
+        shutil.rmtree(workdir / "store-warm-up", ignore_errors=True)
+        run_once(recipe, checkpoint, workdir / "store-warm-up", make(), name)
+        yield make
+
+
 def measure_runner(name: str, workers: int, recipe: Path, checkpoint: Path, workdir: Path) -> dict[str, Any]:
     """Run the recipe twice on one runner in a fresh store: the working run, then the all-cached one."""
     store = workdir / f"store-{name.replace(':', '-')}"
     shutil.rmtree(store, ignore_errors=True)
-    load_before = load_average()
-    first, _, wall = run_once(recipe, checkpoint, store, task_runner(name, workers), name)
-    second, dispatch, cached_wall = run_once(recipe, checkpoint, store, task_runner(name, workers), name)
+    with runner_factory(name, workers, recipe, checkpoint, workdir) as make:
+        load_before = load_average()
+        first, _, wall = run_once(recipe, checkpoint, store, make(), name)
+        second, dispatch, cached_wall = run_once(recipe, checkpoint, store, make(), name)
     states = {stage["state"] for stage in second["stages"]}
     overheads_ms = sorted(seconds * 1000 for seconds in dispatch.values())
     return {
@@ -142,7 +167,9 @@ def print_tables(rows: list[dict[str, Any]], console: Console, workers: int) -> 
     by_name = {row["runner"]: row for row in rows}
     alone, threads = by_name.get("processes:1"), by_name.get("threads:4")
     table = Table(title=f"12-branch matrix recipe, {os.cpu_count()} CPUs ({cpu_model()}), {workers} worker processes")
-    for column in ("runner", "run", "wall s", "x vs processes:1", "x vs threads:4", "dispatch ms/stage (median, p90)", "workers used", "load before → after"):
+    columns = ("runner", "run", "wall s", "x vs processes:1", "x vs threads:4", "dispatch ms/stage (median, p90)", "workers used",
+               "load before → after")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("runner", "run") else "right")
     for row in rows:
         table.add_row(
@@ -187,7 +214,7 @@ def main() -> int:
     checkpoint = demo_checkpoint(workdir)
     recipe = workdir / "bench-scale.yaml"
     recipe.write_text(yaml.dump(scale_recipe(args.epochs), Dumper=NoAliasDumper, sort_keys=False))
-    names = ["threads:4", "processes:1", f"processes:{args.workers}", "prefect-process-pool"]
+    names = ["threads:4", "processes:1", f"processes:{args.workers}", f"dask-warm:{args.workers}", "prefect-process-pool"]
     if args.runners:
         names = [name for name in names if name in args.runners.split(",")]
     flows.start_temporary_server()

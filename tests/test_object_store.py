@@ -248,3 +248,24 @@ def test_a_cached_copy_of_an_artifact_removed_remotely_is_not_found(bucket):
     store.fs.rm_file(store.remote("artifacts", key, "manifest.json"))  # as gc or another worker's quarantine would
     assert store.artifact_path(key).is_dir()
     assert store.find(key) is None and not store.artifact_path(key).exists()
+
+
+def test_a_night_promoted_through_the_object_store_gives_its_model_on_another_machine(bucket, monkeypatch, tmp_path, demo_checkpoint, capsys):
+    from pipeline.cli import main
+    from pipeline.nightly.checkpoints import CheckpointChoice
+    from pipeline.nightly.promotion import record_night
+    from pipeline.recipe import load_recipe
+    from pipeline.run.engine import run_plan
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(SMALL_RECIPE)
+    store = open_store(bucket)
+    record = run_plan(load_recipe(recipe), store, demo_checkpoint)
+    assert record_night(store, record, CheckpointChoice(demo_checkpoint, "newest"), {"reference_run": None, "regressions": []})
+
+    deployer = fresh_worker(monkeypatch, tmp_path, "cache-deployer", bucket)
+    assert main(["latest", "object-store-e2e", "--variant", "fused", "--store", bucket]) == 0
+    model = Path(capsys.readouterr().out.strip())
+    assert model.is_file() and deployer.root in model.parents  # fetched into this machine's cache, not the promoter's path
+    fused = next(stage for stage in record["stages"] if stage["name"] == "fused")
+    assert deployer.read(fused["key"]).manifest["files"][model.name] == store.read(fused["key"]).manifest["files"][model.name]

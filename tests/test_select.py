@@ -151,7 +151,7 @@ def test_promotion_records_the_choice_and_latest_without_variant_gives_its_model
     from pipeline.records.store import ArtifactStore
 
     files = {name: str(tmp_path / name / "model.onnx") for name in ("onnx", "onnx_int8", "broken")}
-    monkeypatch.setattr(promotion, "variant_artifacts", lambda record: files)
+    monkeypatch.setattr(promotion, "variant_artifacts", lambda store, record: files)
     store = ArtifactStore(tmp_path / "store")
     record = run_record(run_select(context, candidates).metrics)
     assert promotion.record_night(store, record, CheckpointChoice(tmp_path / "c.pt", "newest"), {"reference_run": None, "regressions": []})

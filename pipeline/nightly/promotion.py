@@ -73,10 +73,11 @@ def rebuild_state(store: ArtifactStore, recipe_name: str) -> NightlyState:
         if not night.promoted:
             continue
         try:
-            variants = variant_artifacts(record)
+            variants = variant_artifacts(store, record)
         except (OSError, json.JSONDecodeError, StoreError):
             continue  # its artifacts were collected: an older night may still be fetchable
         state.latest = LatestEntry(run_id=night.run_id, checkpoint=night.checkpoint, promoted_at=night.at, variants=variants,
+                                   keys=variant_keys(record, variants),
                                    **chosen_field(record))
         break
     return state
@@ -84,7 +85,7 @@ def rebuild_state(store: ArtifactStore, recipe_name: str) -> NightlyState:
 
 def load_state_noting_damage(store: ArtifactStore, recipe_name: str) -> tuple[NightlyState, bool]:
     """The recipe's nightly state and whether its file was damaged (then rebuilt from the run records, with a warning)."""
-    path = state_path(store, recipe_name)
+    path = store.pull(state_path(store, recipe_name))
     if not path.is_file():
         return NightlyState(recipe=recipe_name), False
     try:
@@ -118,16 +119,23 @@ def judge(record: dict[str, Any], reference: dict[str, Any] | None, regression: 
     return {"reference_run": reference["run_id"], "regressions": comparison["regressions"], "comparison": comparison}
 
 
-def variant_artifacts(record: dict[str, Any]) -> dict[str, str]:
-    """Each model-producing stage's artifact model file, by stage name, from a finished run record."""
+def variant_artifacts(store: ArtifactStore, record: dict[str, Any]) -> dict[str, str]:
+    """Each model-producing stage's artifact model file, by stage name, from a finished run record, read through
+    ``store`` (an object store fetches the artifact into this machine's cache: the record's paths are the worker's)."""
     files = {}
     for stage in record["stages"]:
-        if stage.get("artifact") and stage["state"] in ("done", "cached"):
-            manifest_path = Path(stage["artifact"]) / MANIFEST_FILE
-            manifest = parse_record(Manifest, json.loads(manifest_path.read_text()), f"{manifest_path}: does not match the artifact manifest")
-            if manifest.kind != "report":
-                files[stage["name"]] = str(Path(stage["artifact"]) / manifest.model)
+        if stage.get("key") and stage["state"] in ("done", "cached"):
+            artifact = store.read(stage["key"])
+            if artifact is None:
+                raise StoreError(f"artifact {stage['key'][:12]} of stage '{stage['name']}' is no longer in store {store.location}")
+            if artifact.manifest["kind"] != "report":
+                files[stage["name"]] = str(artifact.model_path)
     return files
+
+
+def variant_keys(record: dict[str, Any], variants: dict[str, str]) -> dict[str, str]:
+    """The artifact key of each of ``variants``, from the run record: what finds its model on any machine."""
+    return {stage["name"]: stage["key"] for stage in record["stages"] if stage["name"] in variants and stage.get("key")}
 
 
 def chosen_field(record: dict[str, Any]) -> dict[str, str]:
@@ -167,8 +175,9 @@ def _append_night(store: ArtifactStore, name: str, record: dict[str, Any], check
         promoted=promoted, at=now,
     ))
     if promoted:
+        variants = variant_artifacts(store, record)
         state.latest = LatestEntry(run_id=record["run_id"], checkpoint=str(checkpoint.path), promoted_at=now,
-                                   variants=variant_artifacts(record), **chosen_field(record))
+                                   variants=variants, keys=variant_keys(record, variants), **chosen_field(record))
     store.write_json(state_path(store, name), state.model_dump(mode="json"))
     return promoted
 
@@ -190,7 +199,7 @@ def latest_artifact(store: ArtifactStore, recipe_name: str, variant: str | None 
     latest = load_state(store, recipe_name).latest
     if latest is None:
         raise NightlyError(
-            f"recipe '{recipe_name}' has no promoted nightly result in store {store.root}; "
+            f"recipe '{recipe_name}' has no promoted nightly result in store {store.location}; "
             "a nightly run must succeed without regressions first (optipipe schedule, or flows.nightly)"
         )
     variant = variant or latest.chosen
@@ -199,4 +208,5 @@ def latest_artifact(store: ArtifactStore, recipe_name: str, variant: str | None 
                            f"pass --variant NAME (one of {', '.join(sorted(latest.variants))})")
     if variant not in latest.variants:
         raise NightlyError(f"--variant '{variant}': latest run {latest.run_id} of '{recipe_name}' has {', '.join(sorted(latest.variants))}")
-    return latest.variants[variant]
+    artifact = store.read(latest.keys[variant]) if variant in latest.keys else None
+    return str(artifact.model_path) if artifact is not None else latest.variants[variant]

@@ -97,6 +97,7 @@ class Manifest(Record):
     seconds: float
     waited_seconds: float = 0.0
     peak_rss_bytes: int
+    start_rss_bytes: int | None = Field(default=None, description="the process's resident memory when the stage started")
     versions: dict[str, str]
     cache_payload: dict[str, Any]
     run_id: str

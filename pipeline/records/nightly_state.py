@@ -30,7 +30,9 @@ class LatestEntry(Record):
     run_id: str
     checkpoint: str = Field(description="path of the checkpoint the run optimized")
     promoted_at: str = Field(description="when it was promoted (UTC, ISO 8601)")
-    variants: dict[str, str] = Field(description="stage name -> the model file of its artifact")
+    variants: dict[str, str] = Field(description="stage name -> the model file of its artifact (on the machine that promoted it)")
+    keys: dict[str, str] = Field(default_factory=dict, description="stage name -> its artifact key: `optipipe latest` finds the "
+                                 "model through the store by it, on any machine")
     chosen: str | None = Field(default=None, description="the variant the run's select stage chose: what `optipipe latest` gives by default")
 
 

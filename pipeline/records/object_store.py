@@ -14,6 +14,7 @@ Remote layout under the URL::
     artifacts/<key>/manifest.json    THE commit point, written with a conditional create (If-None-Match: *)
     blobs/<sha256>                   an artifact file's bytes, uploaded before the manifest that names it
     runs/<run_id>.json               run records (overwritten as the run goes)
+    nightly/<recipe>.json            nightly history and ``latest`` (``pull`` before reading)
     runs/<run_id>/<stage>.log        tracebacks of internal errors (``keep_log``)
     checkpoints/<digest>/<name>[/…]  checkpoint snapshots (a file, or the files of a save_pretrained folder)
     leases/<key>                     empty object; its LastModified is when a run last used the artifact
@@ -470,11 +471,27 @@ class ObjectStore(ArtifactStore):
 
     # run records ---------------------------------------------------------------------------------
 
-    def write_run(self, record: dict[str, Any]) -> None:
-        """Write a run record into the cache and to ``runs/<run_id>.json``."""
-        super().write_run(record)
+    def write_json(self, path: Path, value: Any) -> None:
+        """Write a JSON file of the store (a run record, ``nightly/<recipe>.json``) into the cache and to the same
+        path under the URL (overwriting: only the run's driver, or the nightly's, writes it)."""
+        super().write_json(path, value)
         with self.reaching():
-            self.fs.pipe_file(self.remote("runs", f"{record['run_id']}.json"), self.run_path(record["run_id"]).read_bytes())
+            self.fs.pipe_file(self.remote(path.relative_to(self.root).as_posix()), path.read_bytes())
+
+    def pull(self, path: Path) -> Path:
+        """Replace the cached copy of ``path`` (a file under the cache root) with the store's (at most
+        ``MAX_RECORD_BYTES``); a file the store does not hold is removed from the cache."""
+        try:
+            data = self.cat_capped(self.remote(path.relative_to(self.root).as_posix()), MAX_RECORD_BYTES)[:MAX_RECORD_BYTES]
+        except FileNotFoundError:
+            path.unlink(missing_ok=True)
+            return path
+        self.refuse_links(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+        return path
 
     def sync_record(self, info: dict[str, Any]) -> None:
         """Bring one remote run record into the cache unless the cached copy has its size and time."""

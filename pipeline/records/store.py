@@ -154,6 +154,11 @@ class ArtifactStore:
         """Keep a stage's traceback log (written under ``runs_dir``) where users of the store find it; its address."""
         return str(path)
 
+    def pull(self, path: Path) -> Path:
+        """Make the store's own copy of ``path`` (a file under the root, such as ``nightly/<recipe>.json``) the one at
+        ``path`` before it is read; here it already is."""
+        return path
+
     def has_run(self, run_id: str) -> bool:
         """Whether the store holds a record of ``run_id``."""
         return self.run_path(run_id).is_file()

@@ -1,13 +1,15 @@
 """Executes one stage: reuse its cached artifact, or run it and publish what it made.
 
-``execute(call)`` takes only plain, serializable arguments (``StageCall``: recipe path, store root, stage
-name, upstream artifact keys), so the same function runs in a thread of ``optipipe run``, in a Prefect
-task, or in another process: it rebuilds the plan, the store and the data it needs from them. It always
+``execute(call)`` takes only plain, serializable arguments (``StageCall``: recipe path, store location (a
+folder or an object-store URL), stage name, upstream artifact keys, the checkpoint snapshot's path inside the
+store), so the same function runs in a thread of ``optipipe run``, in a Prefect task, in a worker process or
+on a Dask worker on another machine: it rebuilds the plan, the store and the data it needs from them, and
+records where it ran (``worker``). It always
 returns a ``StageResult``: deliberate ``OptipipeError``s become one-line failures, anything else is an
 internal error whose traceback is kept in a log file beside the run record. Ctrl-C is not a failure: a
 ``KeyboardInterrupt`` propagates, and a cancelled run (``pipeline.run.cancel``) gives a skipped result,
-with nothing published, for a stage it stopped or had not started. Stages that declare ``exclusive`` run holding the process's torch lock, taken here and
-nowhere else; the time spent waiting for it is recorded apart from the stage's own seconds. Holding it,
+with nothing published, for a stage it stopped or had not started. Stages that declare ``exclusive`` run
+holding the process's torch lock, taken here and nowhere else; the time spent waiting for it is recorded apart from the stage's own seconds. Holding it,
 a stage starts with torch's, numpy's and Python's random generators seeded from its cache key.
 """
 
@@ -255,7 +257,8 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
             "stage": call.stage, "uses": uses, "kind": output.product.kind, "handle": output.product.meta,
             "params": params.model_dump(mode="json"), "inputs": [artifact.key for artifact in upstream.values()],
             "metrics": output.metrics, "seconds": round(seconds, 4), "waited_seconds": round(waited[0], 4),
-            "peak_rss_bytes": memory.peak_bytes, "versions": payload["versions"], "cache_payload": payload,
+            "peak_rss_bytes": memory.peak_bytes, "start_rss_bytes": memory.start_bytes, "versions": payload["versions"],
+            "cache_payload": payload,
             "run_id": call.run_id, "created_at": utc_now(), "worker": worker_address(),
         })
     except BaseException:

@@ -42,12 +42,14 @@ def current_rss_bytes() -> int:
 class PeakRSS:
     """Samples this process's resident memory in a background thread; ``peak_bytes`` is the highest seen.
 
-    The figure is for the whole process: stages running concurrently in threads share it.
+    The figure is for the whole process: stages running concurrently in threads share it; in a worker process
+    running one stage at a time it is that stage's, on top of ``start_bytes`` (what the process held already).
     """
 
     def __init__(self, interval_seconds: float = 0.02):
         self.interval_seconds = interval_seconds
         self.peak_bytes = 0
+        self.start_bytes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -57,7 +59,7 @@ class PeakRSS:
             self._stop.wait(self.interval_seconds)
 
     def __enter__(self) -> "PeakRSS":
-        self.peak_bytes = current_rss_bytes()
+        self.peak_bytes = self.start_bytes = current_rss_bytes()
         self._thread.start()
         return self
 
