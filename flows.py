@@ -93,6 +93,17 @@ class ChildPrefectServer(SubprocessASGIServer):
         return subprocess.Popen(command, env=environment, preexec_fn=dies_with_this_process())  # noqa: PLW1509 (only calls prctl)
 
 
+_temporary_server: list[ChildPrefectServer] = []  # the one this process started, if any
+
+
+def api_url_for_workers() -> str | None:
+    """The Prefect API this process reports to (``PREFECT_API_URL``, else the temporary server it started), so that
+    worker processes report their task runs there too instead of each starting a server of its own."""
+    if PREFECT_API_URL.value():
+        return PREFECT_API_URL.value()
+    return _temporary_server[0].api_url if _temporary_server and _temporary_server[0].running else None
+
+
 def start_temporary_server() -> None:
     """Without PREFECT_API_URL (and on Linux), start Prefect's temporary server now, from this thread, as a
     child the kernel kills with this process; Prefect then finds it running instead of starting its own.
@@ -102,7 +113,9 @@ def start_temporary_server() -> None:
     """
     if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
         return
-    ChildPrefectServer().start()  # registers itself as the server Prefect's own SubprocessASGIServer() returns
+    server = ChildPrefectServer()  # registers itself as the server Prefect's own SubprocessASGIServer() returns
+    server.start()
+    _temporary_server[:] = [server]
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE, retries=0)
@@ -138,10 +151,27 @@ class TaskResult:
 
     def result(self) -> StageResult:
         self.future.wait()
-        outcome = self.future.state.result(raise_on_failure=False)
+        state = self.future.state
+        if not state.is_final():  # its worker died (Dask gave up on it): the task runner's error says how
+            raise lost_task_error(self.future, state)
+        outcome = state.result(raise_on_failure=False)
         if isinstance(outcome, BaseException):  # the task itself raised (a bug outside execute): run_plan says so
             raise outcome
         return StageResult.model_validate(outcome)
+
+
+def lost_task_error(future: Any, state: Any) -> BaseException:
+    """The error of a task run its task runner lost (a Dask ``KilledWorker``); its run is marked Crashed with it,
+    so the Prefect UI does not show it running forever."""
+    wrapped = getattr(future, "wrapped_future", None)
+    error = wrapped.exception() if wrapped is not None and hasattr(wrapped, "exception") else None
+    error = error or RuntimeError(f"the task run ended {state.name} without a result")
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(future.task_run_id, Crashed(message=f"lost by the task runner: {error}"), force=True)
+    return error
 
 
 def submit_task(call: StageCall) -> TaskResult:
@@ -151,10 +181,11 @@ def submit_task(call: StageCall) -> TaskResult:
 
 def local_cluster_kwargs(workers: int) -> dict[str, Any]:
     """``distributed.LocalCluster`` settings for ``processes:N``: N single-threaded worker processes, each
-    given an equal share of the CPU cores for torch's own threads, no dashboard."""
+    given an equal share of the CPU cores for torch's own threads and this process's Prefect API, no dashboard."""
     cores_each = str(max(1, (os.cpu_count() or 1) // workers))
+    api_url = api_url_for_workers()
     return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-            "env": {"OMP_NUM_THREADS": cores_each, "MKL_NUM_THREADS": cores_each}}
+            "env": {"OMP_NUM_THREADS": cores_each, "MKL_NUM_THREADS": cores_each, **({"PREFECT_API_URL": api_url} if api_url else {})}}
 
 
 def task_runner_for(spec: RunnerSpec) -> TaskRunner:

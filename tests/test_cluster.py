@@ -53,6 +53,17 @@ def model_files(record: dict) -> dict[str, dict[str, str]]:
     return found
 
 
+def task_runs_of(run_id: str) -> dict[str, str]:
+    """Task run name -> state name of the ``optimize`` flow run of ``run_id``, as the Prefect server has them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        flow_run, = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=run_id)))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    return {task_run.name: task_run.state.name for task_run in task_runs}
+
+
 def states(record: dict) -> dict[str, str]:
     return {stage["name"]: stage["state"] for stage in record["stages"]}
 
@@ -68,11 +79,14 @@ def s3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, s3):
+def cluster(tmp_path_factory, s3, prefect_server):
     """A scheduler and two workers, separate OS processes on 127.0.0.1, each worker with its own store cache (they
-    share only the store URL); all of them gone after the module."""
+    share only the store URL) and the test's Prefect API (as a team's workers have theirs); all of them gone after
+    the module."""
+    from prefect.settings import PREFECT_API_URL
+
     caches = tmp_path_factory.mktemp("worker-caches")
-    with loopback_cluster(tmp_path_factory.mktemp("dask-logs"), env=s3.env,
+    with loopback_cluster(tmp_path_factory.mktemp("dask-logs"), env={**s3.env, "PREFECT_API_URL": PREFECT_API_URL.value()},
                           worker_env=lambda index: {"OPTIPIPE_CACHE": str(caches / f"worker-{index}")}) as running:
         yield running
     assert not running.alive(), "a cluster process outlived the test"
@@ -94,6 +108,7 @@ def test_a_run_on_a_real_cluster_and_an_s3_store_uses_both_workers_and_makes_the
         manifest = open_store(remote["store"]).read(stage["key"]).manifest
         assert manifest["worker"] == stage["worker"]
     assert remote["store"] == store_url
+    assert task_runs_of(remote["run_id"]) == {stage["name"]: "Completed" for stage in remote["stages"]}  # seen in the Prefect UI
     assert model_files(remote) == model_files(local) and len(model_files(local)) == 6
 
 
@@ -147,6 +162,7 @@ def test_processes_runner_a_stage_that_kills_its_process_fails_alone_and_the_oth
                               "pruned": "done", "check": "skipped"}  # check needs onnx: a failure upstream skips it
     onnx = next(stage for stage in record["stages"] if stage["name"] == "onnx")
     assert "lost by the task runner" in onnx["reason"] and "died" in onnx["reason"], onnx["reason"]
+    assert task_runs_of(record["run_id"])["onnx"] == "Crashed"  # not left "Running" in the Prefect UI
     assert record["state"] == "failed" and record["message"].startswith("onnx: ")
     assert all(stage["worker"].startswith("tcp://127.0.0.1:") for stage in record["stages"] if stage["state"] == "done")
     assert not list((tmp_path / "store" / "artifacts").glob("*/manifest.json.tmp*"))

@@ -22,10 +22,9 @@ from typing import Any
 
 from pipeline.errors import StoreError
 from pipeline.nightly.checkpoints import CheckpointChoice, NightlyError
-from pipeline.records.models import Manifest
 from pipeline.records.nightly_state import LatestEntry, NightEntry, NightlyState
 from pipeline.records.parse import parse_record
-from pipeline.records.store import MANIFEST_FILE, ArtifactStore
+from pipeline.records.store import ArtifactStore
 from pipeline.records.variants import chosen_stage
 from pipeline.review.compare import compare_runs
 
