@@ -109,7 +109,7 @@ def test_a_checkpoint_rewritten_after_hashing_loads_the_bytes_that_were_hashed(t
     def trainer_rewrites_then_submit(call):
         """Lightning saving its next epoch into the same file, after run_plan hashed it, before the load runs."""
         save_checkpoint(checkpoint, seed=2)
-        loaded_from.append(Path(call.checkpoint_path))
+        loaded_from.append(raced_store.checkpoint_file(call.checkpoint_path))  # the snapshot, by its path inside the store
         return submit_in_thread(call)
 
     raced_store = ArtifactStore(tmp_path / "raced")
