@@ -18,6 +18,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -53,6 +54,7 @@ from pipeline.run.record import new_run_id  # noqa: E402
 
 DEFAULT_STORE = "artifacts"
 MAX_CONCURRENT_STAGES = 4
+SCHEDULER_CONNECT_SECONDS = 10
 LOCAL_CLUSTER_ALLOWED_FAILURES = 1  # a stage whose worker died is retried once, on a fresh worker, then fails
 PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal the kernel sends a process when its parent dies
 
@@ -201,6 +203,18 @@ def task_runner_for(spec: RunnerSpec) -> TaskRunner:
         return DaskTaskRunner(address=spec.address)
     dask.config.set({"distributed.scheduler.allowed-failures": LOCAL_CLUSTER_ALLOWED_FAILURES})
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(spec.workers or 1))
+
+
+def check_runner(spec: RunnerSpec) -> None:
+    """Refuse in one line, before a run starts, a ``dask://`` runner whose scheduler does not answer."""
+    if spec.kind != "dask" or spec.address is None:
+        return
+    host, port = spec.address.removeprefix("tcp://").rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=SCHEDULER_CONNECT_SECONDS).close()
+    except OSError as error:
+        raise OptipipeError(f"runner {spec.describe()}: no Dask scheduler answers at {spec.address} ({error.strerror or error}); "
+                            "start one with 'dask scheduler' or fix the address") from None
 
 
 def optimize_on(spec: RunnerSpec) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.cli import main
@@ -63,3 +65,36 @@ def test_a_bad_runner_flag_fails_before_prefect_starts_and_writes_no_run(tmp_pat
     assert main(["run", str(recipe), "--checkpoint", str(demo_checkpoint), "--store", str(store), "--runner", "gpu-farm"]) == 2
     assert "--runner: runner 'gpu-farm' is not one of" in capsys.readouterr().err
     assert not store.exists()
+
+
+def test_a_dask_runner_whose_scheduler_does_not_answer_is_one_line_before_anything_runs(tmp_path, capsys, demo_checkpoint):
+    from tests.s3_server import free_port
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("RUNNER", "threads"))
+    store = tmp_path / "store"
+    port = free_port()
+    assert main(["run", str(recipe), "--checkpoint", str(demo_checkpoint), "--store", str(store), "--runner", f"dask://127.0.0.1:{port}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: runner dask://127.0.0.1:{port}: no Dask scheduler answers at tcp://127.0.0.1:{port} (Connection refused); "
+        "start one with 'dask scheduler' or fix the address")
+    assert not store.exists()
+
+
+def test_a_stage_the_task_runner_cannot_take_fails_with_the_reason_and_the_run_ends(tmp_path, demo_checkpoint):
+    from pipeline.recipe import load_recipe
+    from pipeline.records.store import ArtifactStore
+    from pipeline.run.engine import run_plan
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.replace("RUNNER", "threads"))
+
+    def unreachable(call):
+        raise OSError("Timed out trying to connect to tcp://10.0.0.5:8786 after 30 s")
+
+    record = run_plan(load_recipe(recipe), ArtifactStore(tmp_path / "store"), demo_checkpoint, submit=unreachable)
+    assert record["state"] == "failed"
+    (load,) = record["stages"]
+    assert load["state"] == "failed" and load["error"] == "internal"
+    assert load["reason"].startswith("stage 'load' could not be handed to the task runner: OSError: Timed out trying to connect")
+    assert "OSError" in Path(load["log"]).read_text()

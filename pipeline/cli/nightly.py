@@ -41,10 +41,12 @@ def command_nightly(args: argparse.Namespace) -> int:
     from pipeline.run.cancel import interrupt_stops_runs
 
     plan = load_recipe(args.recipe, args.set or [])
-    choose_runner(args.runner, plan.recipe.runner, args.recipe)  # a bad runner setting: one line, before Prefect starts
+    spec = choose_runner(args.runner, plan.recipe.runner, args.recipe)  # a bad runner setting: one line, before Prefect starts
     checkpoint_candidates(args.checkpoints)  # no Prefect start-up for an empty or missing folder
+    from flows import check_runner, nightly, start_temporary_server
+
+    check_runner(spec)
     open_store(store_root(args)).ensure_writable()
-    from flows import nightly, start_temporary_server
 
     start_temporary_server()
     with interrupt_stops_runs():

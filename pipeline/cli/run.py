@@ -33,9 +33,11 @@ def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides:
     plan = load_recipe(recipe_path, overrides)
     check_checkpoint_file(Path(checkpoint_path))
     spec = choose_runner(runner, plan.recipe.runner, recipe_path)
+    from flows import check_runner, optimize_on, start_temporary_server
+
+    check_runner(spec)
     store = open_store(store_root)
     store.ensure_writable()
-    from flows import optimize_on, start_temporary_server
 
     start_temporary_server()
     run_id = new_run_id()
@@ -44,10 +46,11 @@ def run_flow(recipe_path: str, checkpoint_path: str, store_root: str, overrides:
         location = store.location if "://" in store.location else str(Path(store.location).resolve())
         state = optimize_on(spec)(str(Path(recipe_path).resolve()), str(Path(checkpoint_path).resolve()), location, overrides,
                                   run_id, spec.describe(), return_state=True)
-    if not store.has_run(run_id):  # the flow failed before the run started
+    record = store.read_run(run_id) if store.has_run(run_id) else None
+    if record is None or record["state"] == "running":  # the flow failed before the run started, or died in it
         outcome = state.result(raise_on_failure=False)
         raise outcome if isinstance(outcome, BaseException) else OptipipeError(state.message or "run failed")
-    return store.read_run(run_id)
+    return record
 
 
 def command_run(args: argparse.Namespace) -> int:

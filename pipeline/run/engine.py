@@ -202,15 +202,21 @@ def run_plan(plan: Plan, store: ArtifactStore, checkpoint_path: Path | str, *, o
     return recorder.finish()
 
 
+def lost_stage(call: StageCall, uses: str, error: Exception, how: str) -> StageResult:
+    """The failed result of a stage the task runner could not take or lost, its traceback kept in the store."""
+    store = open_store(call.store_root)
+    log_path = store.keep_log(log_internal_error(store, call, error))
+    return StageResult(name=call.stage, uses=uses, state="failed", error="internal", log=log_path,
+                       reason=f"stage '{call.stage}' {how}: {one_line(error)}; traceback in {log_path}")
+
+
 def wait_for_result(pending: Pending, call: StageCall, uses: str, ended: queue.Queue[StageResult]) -> None:
-    """Put the stage's result on ``ended``; a task runner that lost the stage gives a failed result, not a hang."""
+    """Put the stage's result on ``ended``; a task runner that lost the stage (a worker died) gives a failed
+    result, not a hang."""
     try:
         result = pending.result()
-    except Exception as error:  # the task runner itself failed (a worker died): the run goes on without the stage
-        store = open_store(call.store_root)
-        log_path = store.keep_log(log_internal_error(store, call, error))
-        result = StageResult(name=call.stage, uses=uses, state="failed", error="internal", log=log_path,
-                             reason=f"stage '{call.stage}' was lost by the task runner: {one_line(error)}; traceback in {log_path}")
+    except Exception as error:  # the run goes on without the stage
+        result = lost_stage(call, uses, error, "was lost by the task runner")
     ended.put(result)
 
 
@@ -229,6 +235,11 @@ def drive(state: PlanRun, template: StageCall, submit: Submit) -> None:
                 state.end(StageResult(name=name, uses=plan.uses_of(name), state="skipped", reason=reason))
                 continue
             call = state.call(name, template)
-            threading.Thread(target=wait_for_result, args=(submit(call), call, plan.uses_of(name), ended), daemon=True).start()
+            try:  # here, in the flow's thread: a task is submitted from its flow run's context
+                pending = submit(call)
+            except Exception as error:  # the task runner cannot take it (an unreachable scheduler): the run ends without it
+                ended.put(lost_stage(call, plan.uses_of(name), error, "could not be handed to the task runner"))
+                continue
+            threading.Thread(target=wait_for_result, args=(pending, call, plan.uses_of(name), ended), daemon=True).start()
         if not all(state.ended(name) for name in plan.order) and len(started) > len(state.recorder.results):
             state.end(ended.get())
