@@ -41,6 +41,9 @@ sys.path.insert(0, str(REPO_ROOT / "bench"))
 
 from compress import NoAliasDumper, demo_checkpoint  # noqa: E402
 
+from pipeline.cli.common import quiet_prefect_console  # noqa: E402
+
+quiet_prefect_console()  # Prefect's and Dask's log lines stay in the Prefect UI, off the table's terminal
 import flows  # noqa: E402
 from pipeline.recipe.runner import parse_runner  # noqa: E402
 from pipeline.records.store import ArtifactStore  # noqa: E402
