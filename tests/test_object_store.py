@@ -269,3 +269,17 @@ def test_a_night_promoted_through_the_object_store_gives_its_model_on_another_ma
     assert model.is_file() and deployer.root in model.parents  # fetched into this machine's cache, not the promoter's path
     fused = next(stage for stage in record["stages"] if stage["name"] == "fused")
     assert deployer.read(fused["key"]).manifest["files"][model.name] == store.read(fused["key"]).manifest["files"][model.name]
+
+
+def test_plan_against_an_object_store_reads_manifests_only(bucket, monkeypatch, tmp_path, demo_checkpoint, capsys):
+    from pipeline.cli import main
+    from pipeline.recipe import load_recipe
+    from pipeline.run.engine import run_plan
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(SMALL_RECIPE)
+    run_plan(load_recipe(recipe), open_store(bucket), demo_checkpoint)
+    planner = fresh_worker(monkeypatch, tmp_path, "cache-planner", bucket)
+    assert main(["plan", str(recipe), "--checkpoint", str(demo_checkpoint), "--store", bucket]) == 0
+    assert "3 of 3 stages cached, 0 will run" in capsys.readouterr().out
+    assert not planner.artifacts_dir.exists() or not any(planner.artifacts_dir.iterdir())  # nothing was downloaded

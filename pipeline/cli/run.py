@@ -135,7 +135,7 @@ def command_plan(args: argparse.Namespace) -> int:
     from pipeline.recipe import load_recipe
     from pipeline.run.checkpoint_snapshot import checkpoint_digest
     from pipeline.run.engine import check_checkpoint_file
-    from pipeline.run.executor import cached_artifacts
+    from pipeline.run.executor import cached_digests
 
     plan = load_recipe(args.recipe, args.set or [])
     cached = None
@@ -143,7 +143,7 @@ def command_plan(args: argparse.Namespace) -> int:
         checkpoint_path = Path(args.checkpoint)
         check_checkpoint_file(checkpoint_path)
         check_checkpoint_fits(plan, checkpoint_path)
-        cached = cached_artifacts(plan, open_store(args), checkpoint_digest(checkpoint_path))
+        cached = cached_digests(plan, open_store(args), checkpoint_digest(checkpoint_path))
     console.print(plan_tree(plan, cached))
     if cached is None:
         console.print("no --checkpoint: the cache was not checked")

@@ -359,6 +359,14 @@ class ObjectStore(ArtifactStore):
             return cached
         return self.fetch(key)
 
+    def manifest_of(self, key: str) -> dict[str, Any] | None:
+        """The manifest of ``key``, cached or remote (checked as a fetch checks it), without downloading any blob."""
+        cached = ArtifactStore.read(self, key)
+        if cached is not None:
+            return cached.manifest
+        found = self.remote_manifest(key)
+        return found[0] if found is not None else None
+
     def remote_has(self, key: str) -> bool:
         """Whether the object store still holds ``key``'s manifest (a cached copy of a removed one is stale)."""
         with self.reaching():

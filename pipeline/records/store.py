@@ -245,6 +245,11 @@ class ArtifactStore:
             raise StoreError(f"artifact {key[:12]}: manifest {problem}; run 'optipipe gc' or delete {folder}")
         return Artifact(key=key, path=folder, manifest=manifest)
 
+    def manifest_of(self, key: str) -> dict[str, Any] | None:
+        """The manifest of the published artifact ``key``, or None (files not checked: a listing, not a load)."""
+        artifact = self.read(key)
+        return artifact.manifest if artifact is not None else None
+
     def verify(self, artifact: Artifact) -> None:
         """Check every file against the digest recorded at publication; raise ``StoreError`` naming the first mismatch."""
         for name, expected in artifact.manifest["files"].items():

@@ -269,21 +269,21 @@ def run_and_publish(call: StageCall, plan: Plan, store: ArtifactStore, upstream:
                        worker=worker_address())
 
 
-def cached_artifacts(plan: Plan, store: ArtifactStore, checkpoint_sha256: str) -> dict[str, Artifact | None]:
-    """Each stage's artifact already in the store, keyed as ``execute`` would key it, or None where it will run.
+def cached_digests(plan: Plan, store: ArtifactStore, checkpoint_sha256: str) -> dict[str, str | None]:
+    """Each stage's artifact digest where the store already holds its artifact, keyed as ``execute`` would key
+    it, or None where the stage will run.
 
     Keys chain through the digests of cached upstream artifacts; a stage downstream of one that will run
-    gets None, since its inputs do not exist yet. Reads the store only (no leases).
+    gets None, since its inputs do not exist yet. Reads manifests only (no leases, no downloads).
     """
     identity = RunIdentity.of(plan, checkpoint_sha256)
-    found: dict[str, Artifact | None] = {}
+    found: dict[str, str | None] = {}
     for name in plan.order:
         upstream = [found[needed] for needed in plan.needs_of(name)]
         baseline = found[plan.baseline] if plan.uses_baseline(name) else None
-        if any(artifact is None for artifact in upstream) or (plan.uses_baseline(name) and baseline is None):
+        if any(digest is None for digest in upstream) or (plan.uses_baseline(name) and baseline is None):
             found[name] = None
             continue
-        payload = cache_payload(plan, name, identity, [artifact.digest for artifact in upstream],
-                                baseline.digest if baseline else None)
-        found[name] = store.read(cache_key(payload))
+        manifest = store.manifest_of(cache_key(cache_payload(plan, name, identity, upstream, baseline)))
+        found[name] = manifest["digest"] if manifest else None
     return found
