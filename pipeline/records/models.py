@@ -102,4 +102,5 @@ class Manifest(Record):
     cache_payload: dict[str, Any]
     run_id: str
     created_at: str
-    worker: str | None = Field(default=None, description="where the stage that made the artifact ran (a Dask worker's address, else host:pid)")
+    worker: str | None = Field(default=None, description="where the stage that made the artifact ran (a Dask worker's address, "
+                               "else host:pid)")

@@ -31,8 +31,10 @@ import uuid
 from typing import Any
 
 from pipeline.records.gc import ARTIFACT_KEY, GcReport, _collect_leftovers, _keys_named_in, _protected_runs, _referenced_keys
-from pipeline.records.object_store import HEX64, LEASES_DIR, MANIFEST_FILE, MAX_MANIFEST_BYTES, QUARANTINE_DIR, ObjectStore, modified_at
-from pipeline.records.store import CHECKPOINTS_DIR
+from pipeline.records.object_files import HEX64
+from pipeline.records.object_fs import modified_at
+from pipeline.records.object_store import MAX_MANIFEST_BYTES, ObjectStore
+from pipeline.records.store import CHECKPOINTS_DIR, LEASES_DIR, MANIFEST_FILE, QUARANTINE_DIR
 
 
 def server_now(store: ObjectStore, dry_run: bool) -> float:
