@@ -283,3 +283,18 @@ def test_plan_against_an_object_store_reads_manifests_only(bucket, monkeypatch, 
     assert main(["plan", str(recipe), "--checkpoint", str(demo_checkpoint), "--store", bucket]) == 0
     assert "3 of 3 stages cached, 0 will run" in capsys.readouterr().out
     assert not planner.artifacts_dir.exists() or not any(planner.artifacts_dir.iterdir())  # nothing was downloaded
+
+
+def test_damaged_and_oversized_run_records_in_the_object_store_list_as_damaged_never_raise(bucket, monkeypatch, tmp_path):
+    from pipeline.records.object_files import MAX_RECORD_BYTES
+
+    writer = open_store(bucket)
+    writer.fs.pipe_file(writer.remote("runs", "20990101-000000-aaaaaa.json"), b'{"run_id": "20990101-0')  # truncated
+    writer.fs.pipe_file(writer.remote("runs", "20990101-000000-bbbbbb.json"), b" " * (MAX_RECORD_BYTES + 10) + b"{}")
+    writer.fs.pipe_file(writer.remote("runs", "notes.txt"), b"not a record")
+    reader = fresh_worker(monkeypatch, tmp_path, "cache-reader", bucket)
+    assert reader.list_runs() == []
+    assert sorted(path.name for path, _ in reader.damaged_runs()) == ["20990101-000000-aaaaaa.json", "20990101-000000-bbbbbb.json"]
+    assert all(path.parent == reader.runs_dir for path, _ in reader.damaged_runs())  # nothing written outside the cache
+    with pytest.raises(StoreError, match="damaged record"):
+        reader.resolve_run("latest")

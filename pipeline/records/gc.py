@@ -27,7 +27,8 @@ from typing import Any
 
 from pipeline.errors import StoreError
 from pipeline.records.files import read_text_nofollow
-from pipeline.records.store import MANIFEST_FILE, QUARANTINE_DIR, ArtifactStore, process_alive
+from pipeline.records.run_records import process_alive
+from pipeline.records.store import MANIFEST_FILE, QUARANTINE_DIR, ArtifactStore
 
 DEFAULT_GRACE_SECONDS = 3600.0
 PRODUCED = ("done", "cached")
